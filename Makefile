@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+# Both create .venv on first use and install the project into it.
+#
+# Torch: if the python you run `make` with already imports torch (e.g. a CUDA build you installed),
+# the venv is created with --system-site-packages so that torch is kept, never replaced.
+# Otherwise torch is installed into the venv: the CPU build when no NVIDIA GPU is visible
+# (from the PyTorch CPU index, or a local wheel if pip is configured with one), the default build otherwise.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+NPROC ?= 1
+TRAIN_ARGS ?=
+
+.PHONY: install train test test-all bench notebooks clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "[make] found torch in $(PYTHON); creating $(VENV) with --system-site-packages to keep it"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    echo "[make] NVIDIA GPU found: installing the default (CUDA) torch build"; \
+	    $(PY) -m pip install "torch>=2.4"; \
+	  else \
+	    echo "[make] no GPU: installing the CPU build torch==$(TORCH_VERSION)"; \
+	    $(PY) -m pip install --retries 0 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
+	  fi; \
+	fi
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+# The embedded default: the toy Countdown task with a tiny model warm-started locally on first use.
+train: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py --method dsdr $(TRAIN_ARGS)
+
+# CI suite (< 20 min on 2 cores). Slow studies are marked and run with `make test-all`.
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench.py
+
+clean-venv:
+	rm -rf $(VENV)
