@@ -1,0 +1,349 @@
+"""GRPO, DAPO and Dr. GRPO: the base every exploration method in this project builds on.
+
+Read beside:
+  * GRPO      — Shao et al., DeepSeekMath, arXiv 2402.03300, §4.1 (group-relative advantages).
+  * DAPO      — Yu et al., arXiv 2503.14476 (clip-higher §3.1, dynamic sampling §3.2, token-level loss
+                §3.3, overlong reward shaping §3.4).
+  * Dr. GRPO  — Liu et al., arXiv 2503.20783 (no std normalisation, constant length normaliser).
+  * PPO clip  — Schulman et al., arXiv 1707.06347.  k3 KL — Schulman, "Approximating KL Divergence".
+
+This file has three parts:
+  1. pure functions on tensors (advantages, the clipped surrogate, aggregation, k3, DAPO extras) that
+     tests and notebooks import;
+  2. `GRPOConfig` with the three presets (`grpo`, `dapo`, `dr_grpo`);
+  3. `Method`, the base class whose hooks train.py calls. Paper methods subclass it and override only
+     the hooks they need (dsdr.py, lpreg.py, arm.py, curriculum.py).
+
+Notation follows the specs: G responses per prompt, A_i the advantage of response i, m_{i,t} the
+response mask (EOS included, padding excluded), T_i = Σ_t m_{i,t}, and for one optimiser step S
+sequences and N valid tokens *globally* (summed over micro-batches and ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+# ====================================================================================================
+# 1. Group advantages (GRPO §4.1; Dr. GRPO §3)
+# ====================================================================================================
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6):
+    """A_i = (r_i − mean_g r) / (std_g r + eps), computed within each group of `group_size` responses.
+
+    `rewards` is [B*G] (groups contiguous) or [B, G]; the result has the same shape.
+    scale: "group" — divide by the group's std (GRPO, DAPO);
+           "batch" — divide by the std over the whole batch (TRL's scale_rewards="batch");
+           "none"  — no division: A_i = r_i − μ_g (Dr. GRPO).
+    Conventions differ between codebases, so we state ours: the std is the *unbiased* (n−1) one
+    (torch.std's default, as in verl and TRL) and eps = 1e-6 (verl; TRL uses 1e-4). Many minimal
+    implementations use the population std (numpy's default); we do not. A group whose rewards are all
+    equal gets A = 0 exactly (its numerator is 0).
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for group advantages, got {group_size}")
+    shape = rewards.shape
+    r = rewards.reshape(-1, group_size).to(torch.float64)  # float64: exact hand-checkable values
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        adv = centred / (r.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        adv = centred / (r.std() + eps)
+    elif scale == "none":
+        adv = centred
+    else:
+        raise ValueError(f"unknown advantage scale {scale!r}; use 'group', 'batch' or 'none'")
+    return adv.to(rewards.dtype if rewards.is_floating_point() else torch.float32).reshape(shape)
+
+
+# ====================================================================================================
+# 2. The clipped surrogate (PPO; DAPO §3.1 clip-higher) and its aggregation (DAPO §3.3, Dr. GRPO)
+# ====================================================================================================
+
+
+def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float, dual_clip_c=None):
+    """Per-token PPO loss ℓ_{i,t} = −min(ρ A, clip(ρ, 1−ε_low, 1+ε_high) A), ρ = exp(logp − old_logp).
+
+    `advantages` is broadcast to the token shape of `logp` ([S] → [S, 1]).
+    Returns (ℓ [S, T], clipped_low [S, T] bool, clipped_high [S, T] bool).
+    clipped_low:  A < 0 and ρ < 1 − ε_low   (the gradient of that token is 0);
+    clipped_high: A > 0 and ρ > 1 + ε_high  (same).
+    Dual clip (verl's default, off here unless `dual_clip_c` is set): for A < 0, ℓ = min(ℓ, −c·A), which
+    bounds the loss of a token whose ratio exploded.
+    On-policy (old_logp = logp.detach()) ρ is 1 in value but still carries the gradient ∇logp.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == logp.dim() - 1 else advantages
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    if dual_clip_c is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip_c * adv), loss)
+    with torch.no_grad():
+        clipped_low = (adv < 0) & (ratio < 1.0 - eps_low)
+        clipped_high = (adv > 0) & (ratio > 1.0 + eps_high)
+    return loss, clipped_low, clipped_high
+
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """The global counts of one optimiser step, so that micro-batches and ranks add up exactly.
+
+    n_tokens = N (valid tokens), n_seqs = S (sequences), both summed over *all* micro-batches and
+    ranks of the optimisation batch; max_len = L_max (max_new_tokens); world_size = W.
+    Each micro-batch's backward uses W · (its partial sum) / (global normaliser); gradients are summed
+    over micro-batches (no extra division by the accumulation count) and averaged over ranks by
+    data-parallel all-reduce, which cancels the factor W. This is what verl's token-mean and TRL's
+    "dapo" loss do (grpo spec §3).
+    """
+
+    n_tokens: float
+    n_seqs: float
+    max_len: int
+    world_size: int = 1
+
+    @staticmethod
+    def of(mask: torch.Tensor, max_len: int | None = None) -> "Normaliser":
+        """Normaliser of a batch that is one micro-batch on one rank."""
+        return Normaliser(float(mask.sum()), float(mask.shape[0]), max_len or mask.shape[1], 1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, norm: Normaliser) -> torch.Tensor:
+    """Reduce a per-token quantity [S, T] to this micro-batch's share of the full-batch loss.
+
+      token-mean               Σ_{i,t} m ℓ / N                 (DAPO, verl default)
+      seq-mean-token-mean      (1/S) Σ_i Σ_t m ℓ / T_i         (original GRPO: (1/G)Σ_i (1/|o_i|)Σ_t)
+      seq-mean-token-sum-norm  Σ_{i,t} m ℓ / (S · L_max)       (Dr. GRPO: a constant normaliser)
+
+    verl's seq-mean-token-sum-norm divides by L_max only; we also divide by S so the loss scale does not
+    depend on the batch size (a constant factor, i.e. an LR rescaling).
+    """
+    mask = mask.to(per_token.dtype)
+    w = norm.world_size
+    if agg == "token-mean":
+        return w * (per_token * mask).sum() / max(norm.n_tokens, 1.0)
+    if agg == "seq-mean-token-mean":
+        seq_len = mask.sum(dim=-1).clamp(min=1.0)
+        return w * ((per_token * mask).sum(dim=-1) / seq_len).sum() / max(norm.n_seqs, 1.0)
+    if agg == "seq-mean-token-sum-norm":
+        return w * (per_token * mask).sum() / (max(norm.n_seqs, 1.0) * norm.max_len)
+    raise ValueError(f"unknown aggregation {agg!r}; use one of {AGGREGATIONS}")
+
+
+def policy_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, agg="token-mean",
+                norm: Normaliser | None = None, dual_clip_c=None):
+    """The clipped policy-gradient loss of a batch, aggregated; returns (loss, metrics).
+
+    With `norm=None` the batch is treated as the whole optimisation batch on one rank. train.py passes
+    the global `Normaliser` so that micro-batches and ranks reproduce the one-shot loss exactly.
+    Why the value is ~0 on-policy (spec §7): at ρ = 1, ℓ = −A, and advantages are centred per group, so
+    the seq-mean loss is 0 up to rounding; the *gradient* −Σ A ∇logp is not. Judge runs by reward.
+    """
+    norm = norm or Normaliser.of(mask)
+    per_token, low, high = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high, dual_clip_c)
+    loss = aggregate(per_token, mask, agg, norm)
+    m = mask.bool()
+    n_valid = max(int(m.sum()), 1)
+    metrics = {
+        "clip_frac_low": float((low & m).sum()) / n_valid,
+        "clip_frac_high": float((high & m).sum()) / n_valid,
+    }
+    return loss, metrics
+
+
+# ====================================================================================================
+# 3. k3 KL estimator (Schulman 2020; verl "low_var_kl")
+# ====================================================================================================
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 = exp(δ) − δ − 1 with δ = ref_logp − logp (both clamped as in verl).
+
+    With samples from π_θ it is an unbiased, low-variance estimate of KL(π_θ ‖ π_ref), ≥ 0, and
+    ∂k3/∂logp = 1 − π_ref/π_θ. The clamp to [−10, 10] bounds rare exploding tokens: beyond
+    δ ≈ 2.6109 the value is 10 and the gradient 0. The gradient flows through `logp` only.
+    """
+    delta = torch.clamp(ref_logp.detach() - logp, -20.0, 20.0)
+    return torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)
+
+
+# ====================================================================================================
+# 4. DAPO extras (§3.2 dynamic sampling, §3.4 overlong reward shaping)
+# ====================================================================================================
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment R_len (§3.4), added to the correctness reward.
+
+    0 for |y| ≤ L_max − L_c; a linear ramp down to −factor at |y| = L_max. Because generation is capped
+    at L_max, a truncated response (no EOS) receives −factor.
+    """
+    lengths = lengths.to(torch.float32)
+    start = max_len - buffer
+    ramp = (start - lengths) / max(buffer, 1) * factor
+    return torch.where(lengths <= start, torch.zeros_like(lengths), ramp.clamp(min=-factor))
+
+
+def informative_groups(correct: torch.Tensor, group_size: int) -> torch.Tensor:
+    """DAPO dynamic sampling's filter: True for groups whose correctness is not all-equal.
+
+    Filter on correctness bits, not on shaped rewards (a shaped reward can vary inside an all-correct
+    group, e.g. under DSDR, and would keep groups that carry no correctness signal).
+    """
+    c = correct.reshape(-1, group_size).float()
+    return c.max(dim=1).values != c.min(dim=1).values
+
+
+# ====================================================================================================
+# 5. Configuration and presets (grpo spec §6)
+# ====================================================================================================
+
+
+@dataclass
+class GRPOConfig:
+    """Hyperparameters of the base objective. Defaults are the `grpo` preset."""
+
+    eps_low: float = 0.2  # PPO clip; DeepSeekMath
+    eps_high: float = 0.2  # DAPO clip-higher uses 0.28
+    agg: str = "seq-mean-token-mean"  # original GRPO; DAPO uses token-mean
+    adv_scale: str = "group"  # "group" (z-score) | "batch" | "none" (Dr. GRPO)
+    adv_eps: float = 1e-6  # verl convention (TRL: 1e-4)
+    kl_coef: float = 0.0  # β of the k3 KL to π_ref; DeepSeekMath 0.04, DAPO and all presets here 0
+    dual_clip_c: float | None = None  # verl applies 3.0 by default; off here
+    dynamic_sampling: bool = False  # DAPO §3.2
+    max_gen_batches: int = 4  # cap on extra rollout batches for dynamic sampling (verl raises instead)
+    overlong_shaping: bool = False  # DAPO §3.4
+    overlong_buffer: float = 0.2  # L_c as a fraction of L_max (DAPO: 4096 of 20480)
+    overlong_factor: float = 1.0  # f
+    mask_truncated: bool = False  # overlong filtering: drop the loss of truncated responses
+
+
+PRESETS = {
+    "grpo": GRPOConfig(),
+    "dapo": GRPOConfig(eps_high=0.28, agg="token-mean", dynamic_sampling=True, overlong_shaping=True),
+    "dr_grpo": GRPOConfig(agg="seq-mean-token-sum-norm", adv_scale="none"),
+}
+
+
+# ====================================================================================================
+# 6. The Method base class: the hooks train.py calls
+# ====================================================================================================
+
+# Everything the loop can compute for a method. The loop computes only what `needs()` returns.
+#   ref_logp           detached log-probs of sampled tokens under the frozen reference model
+#   entropy            detached full-vocabulary entropy per response token (chunked, fp32)
+#   minp_proxy_logp    detached min-p proxy log-prob of the sampled token (Lp-Reg)
+#   prompt_logp        detached log-probs of the prompt tokens + question-span mask (ARM)
+#   texts              decoded responses (the verifier always needs them; DSDR's encoder too)
+#   lengths            response lengths and truncation flags
+#   prepass            per-token fields of the whole optimisation batch before the first backward
+#   init_policy_samples, answers, prompt_sampler   (SENT's curriculum)
+KNOWN_NEEDS = frozenset({
+    "ref_logp", "entropy", "minp_proxy_logp", "prompt_logp", "texts", "lengths", "prepass",
+    "init_policy_samples", "answers", "prompt_sampler",
+})
+
+
+class Method:
+    """GRPO / DAPO / Dr. GRPO. Subclasses override only the hooks their paper changes.
+
+    The loop (train.py) calls, per step:
+      1. `shape_rewards(batch)`         → rewards r̃ per response          (DSDR's diversity bonus)
+      2. `advantages(batch, rewards)`   → A per response                    (z-score / Dr. GRPO)
+      3. `prepare_update(batch, rows, dist)` once per optimisation batch (`rows` of the rollout batch)
+         when `needs_batch_fields`: batch["fields"] then holds detached per-token fields of the whole
+         rollout batch from the prepass (ARM, Lp-Reg, SENT select tokens or shift advantages from them)
+      4. `loss(mb, norm)` per micro-batch → the scalar to backward + metrics.
+    `mb` is a dict of tensors for a micro-batch: logp [b,T] (with grad), mask [b,T], advantages [b],
+    old_logp, and whatever `needs()` asked for; `norm` is the global `Normaliser`.
+    """
+
+    name = "grpo"
+    config_cls = GRPOConfig
+    needs_batch_fields = False  # True: prepare_update needs per-token fields of the whole batch
+
+    def __init__(self, config: GRPOConfig | None = None):
+        self.cfg = config or self.config_cls()
+
+    # ---- what the loop must compute --------------------------------------------------------------
+    def needs(self) -> set[str]:
+        needs = {"texts", "lengths"}
+        if self.cfg.kl_coef > 0:
+            needs.add("ref_logp")
+        return needs
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def on_train_start(self, ctx) -> None:
+        """One-off setup with access to the run context (model, tokenizer, dataset, config)."""
+
+    def prompt_sampler(self, ctx):
+        """Return a replacement prompt-order object, or None for the loop's seeded shuffle (SENT)."""
+        return None
+
+    def shape_rewards(self, batch) -> torch.Tensor:
+        """r_i = correct_i (+ DAPO's overlong term when on)."""
+        rewards = batch["correct"].to(torch.float32).clone()
+        if self.cfg.overlong_shaping:
+            max_len = batch["max_new_tokens"]
+            buffer = int(round(self.cfg.overlong_buffer * max_len))
+            rewards = rewards + overlong_penalty(batch["lengths"], max_len, buffer, self.cfg.overlong_factor)
+        return rewards
+
+    def advantages(self, batch, rewards: torch.Tensor) -> torch.Tensor:
+        return group_advantages(rewards, batch["group_size"], self.cfg.adv_scale, self.cfg.adv_eps)
+
+    def prepare_update(self, batch, rows: list[int], dist) -> None:
+        """Batch-level preparation before the first backward (token selection, advantage shifts)."""
+
+    def token_loss(self, mb) -> tuple[torch.Tensor, dict]:
+        """Per-token loss ℓ_{i,t} [b,T]: the clipped surrogate, plus β·k3 when kl_coef > 0."""
+        per_token, low, high = clipped_surrogate(
+            mb["logp"], mb["old_logp"], mb["advantages"], self.cfg.eps_low, self.cfg.eps_high,
+            self.cfg.dual_clip_c)
+        m = mb["mask"].bool()
+        stats = {"clip_low_count": float((low & m).sum()), "clip_high_count": float((high & m).sum())}
+        if self.cfg.kl_coef > 0:
+            kl = k3_kl(mb["logp"], mb["ref_logp"])
+            per_token = per_token + self.cfg.kl_coef * kl
+            stats["kl_sum"] = float((kl.detach() * mb["mask"]).sum())
+        return per_token, stats
+
+    def loss(self, mb, norm: Normaliser) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's share of the full-batch loss, aggregated with the method's mode."""
+        mask = mb["mask"]
+        if self.cfg.mask_truncated:
+            mask = mask * (~mb["truncated"]).to(mask.dtype).unsqueeze(-1)
+        per_token, stats = self.token_loss(mb)
+        return aggregate(per_token, mask, self.cfg.agg, norm), stats
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class GRPO(Method):
+    """Alias with the paper's name; `Method` itself is GRPO."""
+
+
+def config_from_preset(preset: str, config_cls=GRPOConfig, **overrides):
+    """A method config starting from a preset's base settings, e.g. DSDR = dapo clip + token-mean."""
+    base = PRESETS[preset]
+    names = {f.name for f in fields(config_cls)}
+    values = {f.name: getattr(base, f.name) for f in fields(GRPOConfig) if f.name in names}
+    values.update(overrides)
+    return config_cls(**values)
+
+
+__all__ = [
+    "group_advantages", "clipped_surrogate", "aggregate", "policy_loss", "Normaliser", "k3_kl",
+    "overlong_penalty", "informative_groups", "GRPOConfig", "PRESETS", "Method", "GRPO",
+    "config_from_preset", "AGGREGATIONS", "KNOWN_NEEDS",
+]
