@@ -1,0 +1,1020 @@
+"""train.py — the shared RLVR loop: data → rollouts → verify → method hooks → update → logs/checkpoints.
+
+Run the embedded default (toy Countdown task, tiny model warm-started locally on first use):
+
+    torchrun --nproc_per_node 1 train.py --method grpo
+    python train.py --method dapo --steps 100 --out runs/dapo
+
+and a real model, for users with network access:
+
+    torchrun --nproc_per_node 8 train.py --method grpo --model Qwen/Qwen2.5-Math-1.5B \
+        --dataset open-r1/DAPO-Math-17K-Processed
+
+One training step (grpo spec "One training step"):
+  1. take B prompts (each rank its share, whole groups), sample G responses each with pure sampling
+     (temperature T, top_p 1, no top_k) so the trainer's log-probs describe the sampling distribution;
+  2. verify them (verifier.py) → correctness bits, canonical solution keys, extracted answers;
+  3. the method shapes rewards and computes advantages (grpo.py `Method` hooks);
+  4. for each optimiser step: micro-batches bounded by a token budget, forward, per-token loss,
+     aggregation with the *global* normaliser, backward; then clip the gradient norm and step AdamW.
+The loop computes only what the method declares in `needs()` (reference log-probs, entropy, min-p
+proxy, prompt log-probs, ...), and full-vocabulary work (log-softmax, entropy, proxy) is done on
+chunks of rows so that [batch, length, vocab] logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import verifier
+from grpo import KNOWN_NEEDS, PRESETS, Method, Normaliser, informative_groups
+
+# ====================================================================================================
+# Methods: the one registry. name → (module, class, base preset). Modules are imported on use so that
+# a paper file that does not exist yet gives a clear "not implemented yet" error.
+# ====================================================================================================
+METHODS = {
+    "grpo": ("grpo", "Method", "grpo"),
+    "dapo": ("grpo", "Method", "dapo"),
+    "dr_grpo": ("grpo", "Method", "dr_grpo"),
+    "dsdr": ("dsdr", "DSDR", None),
+    "lpreg": ("lpreg", "LpReg", None),
+    "arm": ("arm", "ARM", None),
+    "sent": ("curriculum", "SENT", None),
+}
+
+
+class ConfigError(ValueError):
+    """Bad user input, reported as one line before any expensive work."""
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    module_name, class_name, _ = METHODS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise ConfigError(f"method {name!r} is not implemented yet ({module_name}.py is missing)")
+        raise
+    return getattr(module, class_name)
+
+
+def method_config_defaults(name: str):
+    """The method's config with its paper defaults (or the grpo.py preset for grpo/dapo/dr_grpo)."""
+    cls = method_class(name)
+    preset = METHODS[name][2]
+    return copy.deepcopy(PRESETS[preset]) if preset else cls.config_cls()
+
+
+def build_method(name: str, overrides: dict | None = None) -> Method:
+    cls = method_class(name)
+    cfg = method_config_defaults(name)
+    for key, value in (overrides or {}).items():
+        if not hasattr(cfg, key):
+            raise ConfigError(f"method {name!r} has no hyperparameter {key!r}")
+        setattr(cfg, key, value)
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()  # re-validate after overrides
+    return cls(cfg)
+
+
+# ====================================================================================================
+# Configuration
+# ====================================================================================================
+TOY = "toy"  # --model toy: the embedded tiny model (toy.py), built and cached on first use
+
+
+@dataclass
+class TrainConfig:
+    method: str = "grpo"
+    model: str = TOY  # "toy", a hub name, or a local folder saved with save_pretrained
+    dataset: str = "countdown"  # "countdown", a hub dataset name, or a local .jsonl / .parquet file
+    split: str = "train"
+    steps: int = 100
+    prompts_per_step: int = 16  # B (global, over all ranks)
+    group_size: int = 8  # G: DSDR Table 2; Lp-Reg and SENT official scripts
+    # lr: the papers use 1e-6 for 1.5B–32B models (grpo spec §9). A 1M-parameter toy model needs a far
+    # larger step to move in ~100 updates; None picks 1e-6 for real models and TOY_LR for the toy.
+    lr: float | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_new_tokens: int | None = None  # None: toy.MAX_NEW_TOKENS for the toy, 1024 otherwise
+    temperature: float = 1.0  # pure sampling: T = 1, top_p = 1, no top_k (grpo spec §9)
+    top_p: float = 1.0
+    seed: int = 0
+    out: str | None = None  # run folder; default runs/<method>-s<seed>
+    resume: bool = False  # continue from the latest checkpoint in --out
+    micro_batch_tokens: int = 16384  # bound on (sequences × padded length) per forward
+    mini_batches: int = 1  # optimiser steps per rollout batch (1 = on-policy, ρ = 1 in value)
+    gen_batch_prompts: int = 64  # prompts per generate() call (memory bound for sampling)
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # held-out evaluation every N steps into metrics.jsonl (0: only at the end)
+    eval_prompts: int = 64
+    eval_samples: int = 16
+    final_eval: bool = True
+    log_entropy: bool = True  # detached token entropy for logging (one extra reduction per chunk)
+    logit_chunk_rows: int = 4096  # rows of the [tokens, vocab] logits processed at once
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+
+
+TOY_LR = 3e-4
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    cfg = copy.copy(cfg)
+    toy = cfg.model == TOY
+    if cfg.lr is None:
+        cfg.lr = TOY_LR if toy else 1e-6
+    if cfg.max_new_tokens is None:
+        if toy:
+            import toy as toy_module
+
+            cfg.max_new_tokens = getattr(toy_module, "MAX_NEW_TOKENS", 40)
+        else:
+            cfg.max_new_tokens = 1024
+    if cfg.out is None:
+        cfg.out = f"runs/{cfg.method}-s{cfg.seed}"
+    return cfg
+
+
+def validate(cfg: TrainConfig, world_size: int) -> None:
+    """One clear line for each kind of bad input, before anything expensive happens."""
+    method_class(cfg.method)
+    if cfg.group_size < 2:
+        raise ConfigError(f"--group-size must be >= 2 (group advantages need a std), got {cfg.group_size}")
+    if cfg.prompts_per_step < 1:
+        raise ConfigError(f"--prompts-per-step must be >= 1, got {cfg.prompts_per_step}")
+    if cfg.prompts_per_step % world_size:
+        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the number of "
+                          f"processes ({world_size}) so that every rank holds whole groups")
+    if cfg.mini_batches < 1 or cfg.prompts_per_step % cfg.mini_batches:
+        raise ConfigError(f"--mini-batches {cfg.mini_batches} must divide --prompts-per-step "
+                          f"{cfg.prompts_per_step}")
+    if cfg.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {cfg.steps}")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"--temperature must be > 0 (log-probs are computed from logits / T), got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+    suffix = Path(cfg.dataset).suffix
+    if suffix in (".jsonl", ".json", ".parquet") and not Path(cfg.dataset).exists():
+        raise ConfigError(f"dataset file {cfg.dataset} does not exist")
+
+
+# ====================================================================================================
+# Distributed helpers (torchrun). With one process every call is a no-op.
+# ====================================================================================================
+class Dist:
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        if not self.enabled:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def average_gradients(self, model) -> None:
+        """Plain data parallelism: average gradients over ranks (the W factor in the loss cancels)."""
+        if not self.enabled:
+            return
+        for p in model.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.world
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+# ====================================================================================================
+# Data: prompts and their order
+# ====================================================================================================
+def load_prompts(cfg: TrainConfig, split: str | None = None) -> list[dict]:
+    """A list of examples with at least "prompt", "answer" and "task" ("countdown" or "math")."""
+    split = split or cfg.split
+    if cfg.dataset == "countdown":
+        import toy
+
+        return toy.load_split("heldout" if split in ("test", "heldout", "validation") else "train")
+    path = Path(cfg.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        import datasets
+
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:  # a hub dataset, for users with network access
+        import datasets
+
+        rows = datasets.load_dataset(cfg.dataset, split=split)
+    missing = [f for f in ("prompt", "answer") if f not in rows.column_names]
+    if missing:
+        raise ConfigError(f"dataset {cfg.dataset} lacks field(s) {missing}; each row needs 'prompt' and "
+                          f"'answer' (it has {rows.column_names})")
+    examples = []
+    for i, row in enumerate(rows):
+        ex = dict(row)
+        ex.setdefault("task", "math")
+        ex.setdefault("id", str(i))
+        ex["answer"] = str(ex["answer"])
+        examples.append(ex)
+    if not examples:
+        raise ConfigError(f"dataset {cfg.dataset} has no rows")
+    return examples
+
+
+class PromptSampler:
+    """Seeded epoch-wise shuffling; its state (epoch, position) is checkpointed for exact resume."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def next_indices(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation()
+            take = min(k - len(out), self.n - self.pos)
+            out.extend(int(i) for i in self._perm[self.pos:self.pos + take])
+            self.pos += take
+        return out
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._permutation()
+
+
+# ====================================================================================================
+# Model loading
+# ====================================================================================================
+def resolve_model_path(name: str) -> str:
+    if name == TOY:
+        import toy
+
+        return toy.ensure_toy_model()
+    return name
+
+
+def load_policy(name: str, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # batched generation appends to the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # fp32 master weights; bf16 autocast on CUDA for speed (train_step).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return model, tokenizer
+
+
+# ====================================================================================================
+# Rollouts
+# ====================================================================================================
+class HFRollout:
+    """Sampling with `model.generate`. The vLLM engine (issue on scale) implements the same call."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig, device):
+        self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature=None, top_p=None,
+                 max_new_tokens=None) -> list[list[int]]:
+        """n samples per prompt; returns response token ids (EOS kept, padding dropped), grouped."""
+        cfg, tok = self.cfg, self.tokenizer
+        max_new_tokens = max_new_tokens or cfg.max_new_tokens
+        was_training = self.model.training
+        self.model.eval()
+        out: list[list[int]] = []
+        for start in range(0, len(prompt_ids), cfg.gen_batch_prompts):
+            chunk = prompt_ids[start:start + cfg.gen_batch_prompts]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):
+                ids[i, width - len(p):] = torch.tensor(p)
+                attn[i, width - len(p):] = 1
+            with autocast(self.device):
+                gen = self.model.generate(
+                    input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                    do_sample=True, temperature=temperature or cfg.temperature, top_p=top_p or cfg.top_p,
+                    top_k=0, min_p=None, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            for row in gen[:, width:].tolist():
+                if tok.eos_token_id in row:
+                    row = row[:row.index(tok.eos_token_id) + 1]
+                out.append(row)
+        self.model.train(was_training)
+        return out
+
+
+def autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, eos_id: int):
+    """Left-pad prompts to P, right-pad responses to T: input_ids [S, P+T] and masks.
+
+    response_mask [S, T] is 1 on response tokens *including* EOS and 0 on padding; truncated responses
+    (no EOS within max_new_tokens) have no EOS.
+    """
+    S = len(response_ids)
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(r) for r in response_ids))
+    input_ids = torch.full((S, P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((S, P + T), dtype=torch.long)
+    response_mask = torch.zeros((S, T), dtype=torch.float32)
+    prompt_mask = torch.zeros((S, P), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, P - len(p):P] = torch.tensor(p)
+        attention_mask[i, P - len(p):P] = 1
+        prompt_mask[i, P - len(p):] = 1
+        if r:
+            input_ids[i, P:P + len(r)] = torch.tensor(r)
+            attention_mask[i, P:P + len(r)] = 1
+            response_mask[i, :len(r)] = 1
+    lengths = response_mask.sum(-1).long()
+    truncated = torch.tensor([not r or r[-1] != eos_id for r in response_ids])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "prompt_mask": prompt_mask, "prompt_len": P, "lengths": lengths, "truncated": truncated}
+
+
+# ====================================================================================================
+# Per-token quantities from one forward pass, computed over the vocabulary in chunks of rows
+# ====================================================================================================
+def _chunk_stats(h, lm_head, targets, temperature, want: set, minp_kappa: float):
+    """Log-prob of `targets` (with grad if h requires grad) and detached extras for rows of `h`."""
+    logits = lm_head(h).float() / temperature  # [rows, V] in fp32
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    out = {"logp": target_logit - lse}
+    with torch.no_grad():
+        if "entropy" in want:  # H = logsumexp(z) − Σ softmax(z) z
+            out["entropy"] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        if "minp_proxy_logp" in want:  # Lp-Reg Eq. 5: keep p ≥ κ·p_max, renormalise, filtered → −1e4
+            threshold = logits.max(dim=-1).values + math.log(minp_kappa)
+            kept = logits >= threshold.unsqueeze(-1)
+            log_z = torch.logsumexp(logits.masked_fill(~kept, -float("inf")), dim=-1) - lse
+            token_kept = target_logit >= threshold
+            out["minp_proxy_logp"] = torch.where(token_kept, (target_logit - lse) - log_z,
+                                                 torch.full_like(lse, -1e4))
+    return out
+
+
+def token_fields(model, batch: dict, temperature: float, want: set, with_grad: bool,
+                 chunk_rows: int = 4096, minp_kappa: float = 0.02) -> dict:
+    """Per-token fields [S, T] for the response tokens of `batch` (and prompt log-probs if wanted).
+
+    `want` ⊆ {"entropy", "minp_proxy_logp", "prompt_logp"}; "logp" is always returned (with grad when
+    `with_grad`). The decoder runs once; the LM head + log-softmax run on chunks of `chunk_rows` valid
+    token rows so that only [chunk_rows, V] logits exist at a time. With grad, each chunk is
+    checkpointed (its logits are recomputed in backward instead of being stored).
+    """
+    input_ids, attn = batch["input_ids"], batch["attention_mask"]
+    P = batch["prompt_len"]
+    # Positions as generate() computed them for left-padded prompts: count only real tokens.
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    ctx = torch.enable_grad() if with_grad else torch.no_grad()
+    with ctx:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        lm_head = model.get_output_embeddings()
+        T = input_ids.shape[1] - P
+        mask = batch["response_mask"].bool()
+        # logits at position t predict token t+1: response token j is predicted by position P-1+j
+        h = hidden[:, P - 1:P - 1 + T][mask]
+        targets = input_ids[:, P:][mask]
+        rows = _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kappa, with_grad)
+        out = {}
+        for name, values in rows.items():
+            full = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+            out[name] = full.masked_scatter(mask, values) if name == "logp" and with_grad else \
+                full.masked_scatter(mask, values.detach())
+        if "prompt_logp" in want:  # ARM's prompt confidence: token j of the prompt scored at j-1
+            real = batch["prompt_mask"].bool()
+            pm = torch.zeros_like(real)  # token j is scored iff token j-1 is real: the first token
+            pm[:, 1:] = real[:, 1:] & real[:, :-1]  # of a (left-padded) sequence has no log-prob
+            hp = hidden[:, :P - 1][pm[:, 1:]].detach()
+            tp = input_ids[:, 1:P][pm[:, 1:]]
+            vals = _rows_in_chunks(hp, lm_head, tp, temperature, set(), chunk_rows, minp_kappa, False)["logp"]
+            full = torch.zeros(pm.shape, dtype=vals.dtype, device=vals.device)
+            out["prompt_logp"] = full.masked_scatter(pm, vals.detach())
+            out["prompt_logp_mask"] = pm.float()
+    return out
+
+
+def _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kappa, with_grad):
+    parts: dict[str, list] = {}
+    for s in range(0, h.shape[0], chunk_rows):
+        hs, ts = h[s:s + chunk_rows], targets[s:s + chunk_rows]
+        if with_grad and h.shape[0] > chunk_rows:
+            # recompute this chunk's logits in backward: memory O(chunk · V) instead of O(N · V)
+            logp = torch.utils.checkpoint.checkpoint(
+                lambda a, b: _chunk_stats(a, lm_head, b, temperature, set(), minp_kappa)["logp"],
+                hs, ts, use_reentrant=False)
+            stats = {"logp": logp}
+            if want:
+                with torch.no_grad():
+                    extra = _chunk_stats(hs.detach(), lm_head, ts, temperature, want, minp_kappa)
+                stats.update({k: v for k, v in extra.items() if k != "logp"})
+        else:
+            stats = _chunk_stats(hs, lm_head, ts, temperature, want, minp_kappa)
+        for k, v in stats.items():
+            parts.setdefault(k, []).append(v)
+    if not parts:  # no valid rows
+        z = h.new_zeros((0,), dtype=torch.float32)
+        return {"logp": z + h.sum() * 0 if with_grad else z, **{k: z for k in want}}
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def split_micro_batches(batch: dict, rows: list[int], token_budget: int) -> list[dict]:
+    """Consecutive micro-batches of `rows` whose padded size (sequences × length) fits the budget.
+
+    Each micro-batch is trimmed to its own longest prompt/response, so short batches cost less.
+    """
+    lengths = batch["lengths"]
+    prompt_lens = batch["prompt_mask"].sum(-1).long()
+    out, current = [], []
+    for r in rows:
+        cand = current + [r]
+        width = int(prompt_lens[cand].max() + lengths[cand].max().clamp(min=1))
+        if current and width * len(cand) > token_budget:
+            out.append(current)
+            current = [r]
+        else:
+            current = cand
+    if current:
+        out.append(current)
+    return [slice_batch(batch, idx) for idx in out]
+
+
+def slice_batch(batch: dict, idx: list[int]) -> dict:
+    index = torch.tensor(idx, dtype=torch.long)
+    P = batch["prompt_len"]
+    p_keep = int(batch["prompt_mask"][index].sum(-1).max())
+    t_keep = max(1, int(batch["lengths"][index].max()))
+    mb = {"rows": index, "prompt_len": p_keep}
+    mb["input_ids"] = batch["input_ids"][index][:, P - p_keep:P + t_keep]
+    mb["attention_mask"] = batch["attention_mask"][index][:, P - p_keep:P + t_keep]
+    mb["prompt_mask"] = batch["prompt_mask"][index][:, P - p_keep:]
+    mb["response_mask"] = batch["response_mask"][index][:, :t_keep]
+    for key in ("lengths", "truncated", "advantages", "correct", "group_ids"):
+        if key in batch:
+            mb[key] = batch[key][index]
+    for key, value in batch.get("fields", {}).items():  # per-token fields from the prepass [S, T]
+        mb[key] = value[index][:, :t_keep] if value.dim() == 2 and value.shape[1] >= t_keep else value[index]
+    return mb
+
+
+def to_device(mb: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items()}
+
+
+# ====================================================================================================
+# Checkpoints: atomic, complete (model, optimiser, RNG states, step, data position, method state)
+# ====================================================================================================
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Settings that must match for --resume to continue the same run.
+RESUME_KEYS = ("method", "model", "dataset", "prompts_per_step", "group_size", "seed", "max_new_tokens",
+               "temperature", "top_p", "mini_batches")
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sampler, method, cfg, dist: Dist,
+                    keep: int):
+    rng_states = dist.gather_objects(rng_state())  # every rank's RNG, so multi-process resume is exact
+    if not dist.is_main:
+        dist.barrier()
+        return
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"step": step, "sampler": sampler.state_dict(), "rng": rng_states,
+                "method": method.state_dict(), "config": dataclasses.asdict(cfg),
+                "method_config": dataclasses.asdict(method.cfg)}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # atomic: a crash leaves either the old or the new checkpoint, never half
+    for old in sorted((run_dir / "checkpoints").glob("step_*[0-9]"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*[0-9]"))
+    return ckpts[-1] if ckpts else None
+
+
+def check_resume_compatible(state: dict, cfg: TrainConfig, method) -> None:
+    saved = state["config"]
+    diffs = [f"{k}: saved {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in RESUME_KEYS
+             if saved.get(k) != getattr(cfg, k)]
+    saved_method = state.get("method_config", {})
+    diffs += [f"{k}: saved {v!r} vs now {getattr(method.cfg, k, None)!r}" for k, v in saved_method.items()
+              if getattr(method.cfg, k, None) != v]
+    if diffs:
+        raise ConfigError("--resume of an incompatible run (" + "; ".join(diffs[:4]) + "); use a new --out")
+
+
+# ====================================================================================================
+# Metrics sinks
+# ====================================================================================================
+class Logger:
+    """metrics.jsonl (always) + TensorBoard (default) + wandb (opt-in); rank 0 only."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool, resume_step: int):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if self.path.exists():  # drop lines past the checkpoint we resume from (a crash after it)
+            lines = [ln for ln in self.path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in lines))
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        if cfg.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project="rlvr-explore", config=dataclasses.asdict(cfg), dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(record, step=step)
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+# ====================================================================================================
+# The trainer
+# ====================================================================================================
+class Trainer:
+    def __init__(self, cfg: TrainConfig, method_overrides: dict | None = None):
+        self.dist = Dist()
+        cfg = resolve_defaults(cfg)
+        validate(cfg, self.dist.world)
+        self.cfg = cfg
+        self.method = build_method(cfg.method, method_overrides)
+        self.needs = self.method.needs()
+        unknown = self.needs - KNOWN_NEEDS
+        assert not unknown, f"method declares unknown needs {unknown}"
+        self.run_dir = Path(cfg.out)
+        # --- resume: check compatibility before any expensive work ---
+        self.start_step, resume_state = 0, None
+        if cfg.resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is None:
+                raise ConfigError(f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}")
+            resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+            check_resume_compatible(resume_state, cfg, self.method)
+            self.start_step = resume_state["step"]
+        # --- data (cheap, and validated before the model is loaded) ---
+        self.examples = load_prompts(cfg)
+        self.sampler = PromptSampler(len(self.examples), cfg.seed)
+        # --- model ---
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(cfg.seed)
+        model_path = str(ckpt) if resume_state else cfg.model
+        self.model, self.tokenizer = load_policy(model_path, self.device)
+        self.model.train()
+        self.ref_model = None
+        if "ref_logp" in self.needs:  # π_ref = the frozen initial model, loaded only when needed
+            self.ref_model, _ = load_policy(cfg.model, self.device)
+            self.ref_model.eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.rollout = HFRollout(self.model, self.tokenizer, cfg, self.device)
+        self.method.on_train_start(self)
+        custom = self.method.prompt_sampler(self) if "prompt_sampler" in self.needs else None
+        if custom is not None:
+            self.sampler = custom
+        if resume_state:
+            self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+            self.sampler.load_state_dict(resume_state["sampler"])
+            self.method.load_state_dict(resume_state["method"])
+            set_rng_state(resume_state["rng"][self.dist.rank])
+        else:
+            # each rank samples different responses; the seed fixes all of them
+            set_seed(cfg.seed * 1000 + self.dist.rank)
+        self.logger = Logger(self.run_dir, cfg, self.dist.is_main, self.start_step)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(
+                {"train": dataclasses.asdict(cfg), "method": dataclasses.asdict(self.method.cfg)}, indent=2))
+
+    # ---- 1. rollouts + verification ------------------------------------------------------------
+    def sample_groups(self, n_prompts_global: int) -> dict:
+        """Prompts → G responses each → verification, as lists. Each rank handles its share of groups."""
+        cfg, dist, tok, G = self.cfg, self.dist, self.tokenizer, self.cfg.group_size
+        indices = self.sampler.next_indices(n_prompts_global)  # the same order on every rank
+        per_rank = n_prompts_global // dist.world
+        local = indices[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+        examples = [self.examples[i] for i in local]
+        prompt_ids = [tok(ex["prompt"], add_special_tokens=True)["input_ids"] for ex in examples]
+        t0 = time.perf_counter()
+        responses = self.rollout.generate(prompt_ids, G)
+        t_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(G)])
+        return {"prompt_indices": local, "examples": examples, "prompt_ids": prompt_ids,
+                "responses": responses, "texts": texts, "results": results,
+                "time_generate": t_gen, "time_score": time.perf_counter() - t0}
+
+    def build_batch(self, raw: dict) -> dict:
+        """Lists of whole groups → padded tensors plus everything the method hooks read."""
+        G, tok = self.cfg.group_size, self.tokenizer
+        flat_examples = [ex for ex in raw["examples"] for _ in range(G)]
+        batch = collate([p for p in raw["prompt_ids"] for _ in range(G)], raw["responses"],
+                        tok.pad_token_id, tok.eos_token_id)
+        results = raw["results"]
+        batch.update(raw)
+        batch.update({
+            "examples": flat_examples,
+            "correct": torch.tensor([r.correct for r in results], dtype=torch.float32),
+            "keys": [r.key for r in results], "answers": [r.answer for r in results],
+            "group_ids": torch.arange(len(raw["examples"])).repeat_interleave(G), "group_size": G,
+            "max_new_tokens": self.cfg.max_new_tokens,
+        })
+        return batch
+
+    def rollout_batch(self) -> tuple[dict, dict]:
+        """One rollout batch of B groups (globally).
+
+        With DAPO dynamic sampling (§3.2): drop groups whose correctness is all-equal and sample further
+        batches until B informative groups are kept or `max_gen_batches` is reached (verl raises there;
+        we train on what we have and log it). The choice is made on the global order of groups, so it
+        does not depend on the number of ranks; ranks may then hold different numbers of groups, which
+        the global normalisers of the loss account for.
+        """
+        B, G = self.cfg.prompts_per_step, self.cfg.group_size
+        raw = self.sample_groups(B)
+        if not getattr(self.method.cfg, "dynamic_sampling", False):
+            return self.build_batch(raw), {"gen_batches": 1}
+        raws, flags = [raw], [self._informative_global(raw)]
+        while sum(int(f.sum()) for f in flags) < B and len(raws) < self.method.cfg.max_gen_batches:
+            raws.append(self.sample_groups(B))
+            flags.append(self._informative_global(raws[-1]))
+        all_flags = torch.cat(flags)
+        chosen = set(torch.nonzero(all_flags).flatten()[:B].tolist())
+        per_rank = B // self.dist.world
+        kept = {k: [] for k in ("prompt_indices", "examples", "prompt_ids", "responses", "texts", "results")}
+        for j, r in enumerate(raws):
+            for g in range(per_rank):
+                if j * B + self.dist.rank * per_rank + g in chosen:
+                    for k in ("prompt_indices", "examples", "prompt_ids"):
+                        kept[k].append(r[k][g])
+                    for k in ("responses", "texts", "results"):
+                        kept[k].extend(r[k][g * G:(g + 1) * G])
+        kept["time_generate"] = sum(r["time_generate"] for r in raws)
+        kept["time_score"] = sum(r["time_score"] for r in raws)
+        info = {"gen_batches": len(raws), "frac_zero_std": 1.0 - float(all_flags.float().mean()),
+                "groups_kept": len(chosen)}
+        return self.build_batch(kept), info
+
+    def _informative_global(self, raw: dict) -> torch.Tensor:
+        correct = torch.tensor([r.correct for r in raw["results"]], dtype=torch.float32)
+        local = informative_groups(correct, self.cfg.group_size) if len(correct) else torch.zeros(0, dtype=torch.bool)
+        return torch.cat([torch.as_tensor(x) for x in self.dist.gather_objects(local)])
+
+    # ---- 2. one optimisation step -----------------------------------------------------------------
+    def update(self, batch: dict, rows: list[int]) -> dict:
+        """One optimiser step on `rows` of the rollout batch; returns metrics."""
+        cfg, dist, method = self.cfg, self.dist, self.method
+        n_tokens = dist.sum(float(batch["response_mask"][rows].sum()))
+        n_seqs = dist.sum(len(rows))
+        norm = Normaliser(n_tokens, n_seqs, cfg.max_new_tokens, dist.world)
+        if method.needs_batch_fields:  # e.g. token selection over the whole optimisation batch
+            method.prepare_update(batch, rows, dist)
+        micro_batches = split_micro_batches(batch, rows, cfg.micro_batch_tokens) if rows else []
+        want = {n for n in ("entropy", "minp_proxy_logp", "prompt_logp") if n in self.needs}
+        if cfg.log_entropy:
+            want.add("entropy")
+        stats: dict[str, float] = {}
+        entropy_sum = 0.0
+        for mb in micro_batches:
+            mb = to_device(mb, self.device)
+            with autocast(self.device):
+                fields = token_fields(self.model, mb, cfg.temperature, want, with_grad=True,
+                                      chunk_rows=cfg.logit_chunk_rows,
+                                      minp_kappa=getattr(method.cfg, "kappa", 0.02))
+            mb["mask"] = mb["response_mask"]
+            mb["logp"] = fields["logp"]
+            # on-policy: π_old = π_θ, so ρ = exp(logp − logp.detach()) = 1 in value, gradient kept
+            mb.setdefault("old_logp", fields["logp"].detach())
+            for k, v in fields.items():
+                if k != "logp":
+                    mb.setdefault(k, v)
+            if self.ref_model is not None:
+                with torch.no_grad(), autocast(self.device):
+                    mb["ref_logp"] = token_fields(self.ref_model, mb, cfg.temperature, set(), with_grad=False,
+                                                  chunk_rows=cfg.logit_chunk_rows)["logp"]
+            loss, mb_stats = method.loss(mb, norm)
+            loss.backward()
+            for k, v in mb_stats.items():
+                stats[k] = stats.get(k, 0.0) + float(v)
+            stats["loss"] = stats.get("loss", 0.0) + float(loss.detach()) / dist.world
+            if "entropy" in fields:
+                entropy_sum += float((fields["entropy"] * mb["mask"]).sum())
+        if not micro_batches:  # keep collective calls matched across ranks
+            stats["loss"] = 0.0
+        dist.average_gradients(self.model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {"loss": dist.sum(stats.pop("loss")), "grad_norm": float(grad_norm),
+               "entropy": dist.sum(entropy_sum) / max(n_tokens, 1.0) if "entropy" in want else None}
+        for k, v in stats.items():  # counts and sums → per-token means
+            total = dist.sum(v)
+            if k.endswith("_count"):
+                out[k[:-6].replace("clip_low", "clip_frac_low").replace("clip_high", "clip_frac_high")] = \
+                    total / max(n_tokens, 1.0)
+            elif k.endswith("_sum"):
+                out[k[:-4]] = total / max(n_tokens, 1.0)
+            else:
+                out[k] = total
+        return out
+
+    def train_step(self, step: int) -> dict:
+        cfg, method = self.cfg, self.method
+        t_start = time.perf_counter()
+        batch, info = self.rollout_batch()
+        t0 = time.perf_counter()
+        rewards = method.shape_rewards(batch)
+        batch["rewards"] = rewards
+        batch["advantages"] = method.advantages(batch, rewards).to(torch.float32)
+        t_score = batch["time_score"] + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_seq = len(batch["texts"])
+        if cfg.mini_batches > 1 or "prepass" in self.needs or method.needs_batch_fields:
+            batch["fields"] = self.prepass(batch)
+        per_mini = n_seq // cfg.mini_batches if n_seq else 0
+        metrics: dict = {}
+        for k in range(cfg.mini_batches):
+            rows = list(range(k * per_mini, (k + 1) * per_mini)) if k < cfg.mini_batches - 1 else \
+                list(range(k * per_mini, n_seq))
+            m = self.update(batch, rows)
+            for key, v in m.items():
+                if v is not None:
+                    metrics[key] = metrics.get(key, 0.0) + v / cfg.mini_batches
+        t_update = time.perf_counter() - t0
+        metrics.update(self.rollout_metrics(batch, rewards))
+        metrics.update(info)
+        metrics.update({"time_generate": batch["time_generate"], "time_score": t_score,
+                        "time_update": t_update, "time_step": time.perf_counter() - t_start})
+        return metrics
+
+    @torch.no_grad()
+    def prepass(self, batch: dict) -> dict:
+        """No-grad forward over the whole rollout batch before its first backward: π_old's fields."""
+        want = {n for n in ("entropy", "minp_proxy_logp", "prompt_logp") if n in self.needs}
+        rows = list(range(len(batch["texts"])))
+        S, T = batch["response_mask"].shape
+        out: dict[str, torch.Tensor] = {}
+        for mb in split_micro_batches(batch, rows, self.cfg.micro_batch_tokens):
+            idx = mb["rows"]
+            mb = to_device(mb, self.device)
+            with autocast(self.device):
+                fields = token_fields(self.model, mb, self.cfg.temperature, want, with_grad=False,
+                                      chunk_rows=self.cfg.logit_chunk_rows,
+                                      minp_kappa=getattr(self.method.cfg, "kappa", 0.02))
+            fields["old_logp"] = fields.pop("logp")
+            for k, v in fields.items():
+                width = v.shape[1]
+                if k not in out:
+                    full_w = batch["prompt_mask"].shape[1] if k.startswith("prompt") else T
+                    out[k] = torch.zeros((S, full_w), dtype=v.dtype)
+                if k.startswith("prompt"):  # prompt fields are left-aligned: pad on the left
+                    out[k][idx, -width:] = v.cpu()
+                else:
+                    out[k][idx, :width] = v.cpu()
+        return out
+
+    def rollout_metrics(self, batch: dict, rewards: torch.Tensor) -> dict:
+        """Reward/length/diversity statistics over the global batch (gathered from all ranks)."""
+        local = {"rewards": rewards.tolist(), "correct": batch["correct"].tolist(),
+                 "lengths": batch["lengths"].tolist(), "truncated": batch["truncated"].tolist(),
+                 "keys": batch["keys"], "statuses": [r.status for r in batch["results"]]}
+        parts = self.dist.gather_objects(local)
+        G = self.cfg.group_size
+        r = torch.tensor([x for p in parts for x in p["rewards"]])
+        c = torch.tensor([x for p in parts for x in p["correct"]])
+        lengths = torch.tensor([x for p in parts for x in p["lengths"]], dtype=torch.float32)
+        keys = [k for p in parts for k in p["keys"]]
+        statuses = [s for p in parts for s in p["statuses"]]
+        groups = r.reshape(-1, G) if len(r) else r.reshape(0, G)
+        distinct = [len({k for k in keys[g * G:(g + 1) * G] if k is not None}) for g in range(len(groups))]
+        return {
+            "reward_mean": float(r.mean()) if len(r) else 0.0,
+            "reward_std": float(r.std()) if len(r) > 1 else 0.0,
+            "correct_mean": float(c.mean()) if len(c) else 0.0,
+            "frac_reward_zero_std": float((groups.std(dim=1) == 0).float().mean()) if len(groups) else 0.0,
+            "response_length": float(lengths.mean()) if len(lengths) else 0.0,
+            "truncated_frac": float(np.mean([x for p in parts for x in p["truncated"]])) if len(r) else 0.0,
+            "distinct_correct": float(np.mean(distinct)) if distinct else 0.0,
+            "unparseable_frac": statuses.count("unparseable") / max(len(statuses), 1),
+            "timeout_frac": statuses.count("timeout") / max(len(statuses), 1),
+        }
+
+    # ---- 3. the run -------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
+                   desc=f"{cfg.method}", disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        step = self.start_step
+        for step in bar:
+            metrics = self.train_step(step)
+            done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0:
+                metrics.update({f"eval/{k}": v for k, v in self.evaluate().items() if not isinstance(v, dict)})
+            self.logger.log(done, metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                            entropy=f"{metrics.get('entropy') or 0:.3f}",
+                            distinct=f"{metrics['distinct_correct']:.2f}")
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                save_checkpoint(self.run_dir, done, self.model, self.tokenizer, self.optimizer, self.sampler,
+                                self.method, cfg, self.dist, cfg.keep_checkpoints)
+        summary = {}
+        if cfg.final_eval:
+            summary = self.evaluate()
+            if self.dist.is_main:
+                import eval as evaluation
+
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                evaluation.plot_run(self.run_dir)
+        self.logger.close()
+        return summary
+
+    def evaluate(self) -> dict:
+        """Held-out evaluation (pass@k curve, avg@n, distinct correct) without disturbing training RNG."""
+        import eval as evaluation
+
+        saved = rng_state()
+        try:
+            examples = load_prompts(self.cfg, split="heldout")[: self.cfg.eval_prompts]
+            result = evaluation.evaluate_policy(self.rollout, self.tokenizer, examples, self.cfg.eval_samples,
+                                                self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens,
+                                                seed=12345, dist=self.dist)
+        finally:
+            set_rng_state(saved)
+        return result
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ====================================================================================================
+# Command line
+# ====================================================================================================
+def _add_dataclass_args(parser, cls_or_obj, prefix: str | None = None, dest_prefix: str = ""):
+    for f in dataclasses.fields(cls_or_obj):
+        default = getattr(cls_or_obj, f.name) if not isinstance(cls_or_obj, type) else f.default
+        names = [f"--{f.name.replace('_', '-')}"]
+        if prefix:
+            names.append(f"--{prefix}.{f.name.replace('_', '-')}")
+        kwargs = {"dest": dest_prefix + f.name, "default": argparse.SUPPRESS if dest_prefix else default}
+        if isinstance(default, bool) or f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _parse_value
+        parser.add_argument(*names, help=f"(default: {default})", **kwargs)
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("none", "null"):
+        return None
+    if "," in text:
+        return [_parse_value(t) for t in text.split(",")]
+    return text
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, dict]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=TrainConfig.method)
+    known, _ = pre.parse_known_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_dataclass_args(parser.add_argument_group("training"), TrainConfig)
+    method_defaults = method_config_defaults(known.method)  # ConfigError for unknown / missing methods
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    group = parser.add_argument_group(f"{known.method} hyperparameters (paper defaults)")
+    clash = [f for f in dataclasses.fields(method_defaults) if f.name in train_names]
+    assert not clash, f"method field names clash with TrainConfig: {clash}"
+    _add_dataclass_args(group, method_defaults, prefix=known.method, dest_prefix="method__")
+    args = vars(parser.parse_args(argv))
+    method_overrides = {k[len("method__"):]: v for k, v in args.items() if k.startswith("method__")}
+    cfg = TrainConfig(**{k: v for k, v in args.items() if not k.startswith("method__")})
+    return cfg, method_overrides
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, overrides = parse_args(argv)
+        trainer = Trainer(cfg, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = trainer.fit()
+    if trainer.dist.is_main and summary:
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=None))
+    if trainer.dist.enabled:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
