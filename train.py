@@ -764,8 +764,11 @@ class Trainer:
     def update(self, batch: dict, rows: list[int]) -> dict:
         """One optimiser step on `rows` of the rollout batch; returns metrics."""
         cfg, dist, method = self.cfg, self.dist, self.method
-        n_tokens = dist.sum(float(batch["response_mask"][rows].sum()))
-        n_seqs = dist.sum(len(rows))
+        counted = rows
+        if getattr(method.cfg, "mask_truncated", False):  # overlong filtering: truncated rows leave the loss
+            counted = [r for r in rows if not batch["truncated"][r]]  # and its normalisers (as TRL does)
+        n_tokens = dist.sum(float(batch["response_mask"][counted].sum()))
+        n_seqs = dist.sum(len(counted))
         norm = Normaliser(n_tokens, n_seqs, cfg.max_new_tokens, dist.world)
         if method.needs_batch_fields:  # e.g. token selection over the whole optimisation batch
             method.prepare_update(batch, rows, dist)
