@@ -149,7 +149,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         if toy:
             import toy as toy_module
 
-            cfg.max_new_tokens = getattr(toy_module, "MAX_NEW_TOKENS", 40)
+            cfg.max_new_tokens = toy_module.MAX_NEW_TOKENS
         else:
             cfg.max_new_tokens = 1024
     if cfg.out is None:

@@ -1,0 +1,160 @@
+"""Tests of the embedded toy (toy.py): the task, the splits, the tokenizer, the model and the warm start."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import toy
+from verifier import check_countdown
+
+# ----------------------------------------------------------------------------------------------------
+# Task
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_solver_finds_exactly_the_hand_checked_solutions():
+    # 2 3 4 -> 10. By hand, with positive intermediate results: 2*3+4 and 3*4-2. Nothing else works:
+    # sums of all three give 9, 2*4=8 leaves 3 (8+3=11, 8-3=5), 4-2=2 / 4/2=2 leave 3 (5, 6, 1),
+    # 3+4=7 / 4-3=1 leave 2 (9, 14, 5, 3, 2), 2+3=5 leaves 4 (9, 20, 1), 3-2=1 leaves 4 (5, 4, 3),
+    # and (x op y) with a single pair never reaches 10 (max 3*4=12, then 2*... uses the third number).
+    assert set(toy.solve([2, 3, 4], 10)) == {"((2*3)+4)", "((3*4)-2)"}
+    # 2 3 4 -> 9: only sums, three associations are three different keys (commutativity is not).
+    assert set(toy.solve([4, 2, 3], 9)) == {"((2+3)+4)", "((2+4)+3)", "((3+4)+2)"}
+    # not every number has to be used: 6 2 5 -> 3 has two one-step solutions and three two-step ones.
+    assert set(toy.solve([6, 2, 5], 3)) == {"(6/2)", "(5-2)", "((6-5)+2)", "((2+6)-5)", "(6-(5-2))"}
+
+
+def test_every_solution_checks_and_keys_match_the_verifier():
+    for numbers, target in [([2, 3, 4], 10), ([3, 5, 7, 2], 22), ([8, 8, 3, 2], 24), ([10, 9, 4, 6], 50)]:
+        solutions = toy.solve(numbers, target)
+        assert solutions, (numbers, target)
+        for key, chain in solutions.items():
+            check = check_countdown(chain, numbers, target)
+            assert check.correct and check.key == key, (chain, check)
+
+
+def _brute_force_keys(numbers, target):
+    """Independent check of completeness: every chain of <= len(numbers)-1 steps over all operand
+    choices, tried with the verifier itself (slow but obviously complete for positive intermediates)."""
+    keys = set()
+
+    def extend(values, chain):
+        for (i, a), (j, b) in itertools.permutations(enumerate(values), 2):
+            rest = [v for t, v in enumerate(values) if t not in (i, j)]
+            for op in "+-*/":
+                if op == "/" and a % b:
+                    continue
+                c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+                if c <= 0:
+                    continue
+                new_chain = chain + [f"{a}{op}{b}={c}"]
+                check = check_countdown(",".join(new_chain), numbers, target)
+                if check.correct:
+                    keys.add(check.key)
+                extend(rest + [c], new_chain)
+
+    extend(list(numbers), [])
+    return keys
+
+
+@pytest.mark.parametrize("numbers,target", [([3, 5, 7, 2], 22), ([9, 3, 2, 3], 42), ([4, 4, 6, 10], 34)])
+def test_solver_is_complete_against_brute_force(numbers, target):
+    assert set(toy.solve(numbers, target)) == _brute_force_keys(numbers, target)
+
+
+def test_generated_problems_have_at_least_three_solutions_and_are_consistent():
+    problems = toy.generate_problems(150, seed=7)
+    assert len(problems) == 150
+    assert len({(tuple(sorted(p["numbers"])), p["target"]) for p in problems}) == 150  # no repeats
+    for p in problems:
+        assert set(p) == {"id", "task", "numbers", "target", "prompt", "answer", "n_solutions"}
+        assert p["task"] == "countdown" and p["answer"] == str(p["target"])
+        assert p["prompt"] == toy.format_prompt(p["numbers"], p["target"])
+        assert len(p["numbers"]) in (3, 4) and p["target"] not in p["numbers"]
+        assert p["n_solutions"] == len(toy.solve(p["numbers"], p["target"])) >= 3
+
+
+def test_prompt_format():
+    assert toy.format_prompt([3, 7, 2, 10], 29) == "3 7 2 10>29:"
+
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    train, heldout = toy.load_split("train"), toy.load_split("heldout")
+    config = toy.DEFAULT_CONFIG
+    assert (len(train), len(heldout)) == (config.n_train, config.n_heldout)
+    key = lambda p: (tuple(sorted(p["numbers"])), p["target"])  # noqa: E731
+    assert not {key(p) for p in train} & {key(p) for p in heldout}
+    assert len({p["id"] for p in train + heldout}) == len(train) + len(heldout)
+    # deterministic: regenerating from scratch (no cache) gives the same problems
+    toy._splits.cache_clear()
+    assert toy.load_split("train") == train and toy.load_split("heldout") == heldout
+    # callers get copies: mutating one must not change the split
+    train[0]["numbers"].append(99)
+    assert toy.load_split("train")[0]["numbers"] != train[0]["numbers"]
+    with pytest.raises(ValueError):
+        toy.load_split("test")
+
+
+def test_solution_counts_are_in_the_intended_range():
+    counts = [p["n_solutions"] for p in toy.load_split("train")]
+    mean = sum(counts) / len(counts)
+    assert min(counts) >= 3 and 5 <= mean <= 20, mean
+    assert sorted(counts)[len(counts) // 2] <= 15  # typically several, not dozens
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = toy.build_tokenizer()
+    text = "3 7 2 10>29:7*3=21,21+10=31,31-2=29"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text)  # one token per character
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_token_id not in ids
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text)["input_ids"] == ids and loaded.decode(ids) == text
+    assert loaded.padding_side == "left"
+    assert loaded.pad_token == "<pad>" and loaded.eos_token == "<eos>"
+    with_eos = loaded(text + loaded.eos_token)["input_ids"]
+    assert with_eos[-1] == loaded.eos_token_id and loaded.decode(with_eos, skip_special_tokens=True) == text
+    batch = loaded(["1 2>3:", text], padding=True)
+    assert batch["input_ids"][0][0] == loaded.pad_token_id and batch["attention_mask"][0][0] == 0
+
+
+def test_model_size_save_load_and_pure_sampling_config(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = toy.build_tokenizer()
+    model = toy.build_model(tokenizer, seed=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 0.5e6 <= n_params <= 1.5e6, n_params
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "Qwen2ForCausalLM"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    gen = loaded.generation_config
+    assert gen.do_sample and gen.temperature == 1.0 and gen.top_p == 1.0 and not gen.top_k
+    assert gen.eos_token_id == tokenizer.eos_token_id and gen.pad_token_id == tokenizer.pad_token_id
+
+
+def test_left_padding_does_not_change_the_next_token_distribution():
+    # generate() derives position ids from the attention mask, so a left-padded prompt must see the same
+    # logits as the same prompt alone (this is what makes batched sampling equal to one-by-one sampling).
+    tokenizer = toy.build_tokenizer()
+    model = toy.build_model(tokenizer, seed=0).eval()
+    short, long = "2 3>5:", "3 7 2 10>29:"
+    batch = tokenizer([short, long], return_tensors="pt", padding=True)
+    position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = model(**batch, position_ids=position_ids).logits[0, -1]
+        alone = model(**tokenizer([short], return_tensors="pt")).logits[0, -1]
+    torch.testing.assert_close(padded, alone, atol=1e-4, rtol=1e-4)

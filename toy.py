@@ -1,0 +1,581 @@
+"""The embedded toy: a Countdown-style task and a ~1M-parameter model warm-started on it, all local.
+
+Why a toy at all? Mode collapse under GRPO is a statement about *how many different correct solutions*
+a policy still produces as RL goes on. To watch it (and to see diversity methods such as DSDR resist
+it) on a laptop CPU, we need a task where
+
+  * every prompt has several genuinely different correct answers (not one answer written many ways),
+  * answers are checked exactly and cheaply (verifier.py), and
+  * a tiny model starts out *imperfect but diverse*: it solves some prompts, sometimes, in several
+    different ways, which leaves RL room both to improve pass@1 and to collapse.
+
+The task (Countdown). A prompt lists a few small numbers and a target; the response is a chain of
+arithmetic steps reaching the target, each given number used at most once (not necessarily all):
+
+    prompt   "3 7 2 5>29:"          numbers 3 7 2 5, target 29 (">" reads "make", ":" ends the prompt)
+    response "3*7=21,21+5=26,26+..."  no: "7*5=35,35-... " etc.; a correct one is "3*7=21,21+2=23,..."
+
+(the exact rules, and the canonical solution key that identifies "the same solution up to
+commutativity", live in verifier.py; this file only *uses* `check_countdown`, so the number of
+solutions we count here is exactly the number the verifier can tell apart).
+
+This file, top to bottom:
+  1. the task: an exhaustive solver, problem generation, deterministic train / held-out splits;
+  2. a character-level tokenizer (`tokenizers`, wrapped as a `PreTrainedTokenizerFast`);
+  3. a tiny `Qwen2ForCausalLM`;
+  4. the warm start: supervised fine-tuning (SFT) on sampled correct solutions, cached on disk,
+     and `measure_warm_start`, which checks the start has the properties RL needs.
+
+`python toy.py` builds the cached model (about two minutes on 2 CPU cores) and prints its measurements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+
+from verifier import check_countdown
+
+# ====================================================================================================
+# 0. Configuration
+# ====================================================================================================
+# Everything that changes the data, the tokenizer or the model is in `ToyConfig`; the cache folder's name
+# is a hash of it (plus TOY_VERSION, bumped when the code changes in a way the config does not show), so
+# a change never silently reuses a stale model.
+
+TOY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    # --- task ---
+    min_number: int = 2  # numbers are drawn uniformly from [min_number, max_number]
+    max_number: int = 10
+    p_three_numbers: float = 0.0  # share of prompts with 3 numbers (the rest have 4)
+    sort_numbers: bool = False  # show the numbers in ascending order
+    min_target: int = 10  # targets are drawn from the values reachable with >= min_solutions solutions
+    max_target: int = 30
+    weight_targets_by_solutions: bool = True
+    min_solutions: int = 3  # keep a (numbers, target) only if it has this many distinct solutions
+    n_train: int = 2000
+    n_heldout: int = 200
+    data_seed: int = 1234
+    # --- model (Qwen2 architecture, ~1M parameters) ---
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 448
+    max_positions: int = 96
+    # --- warm start (SFT) ---
+    sft_steps: int = 1500
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    sft_warmup: int = 50
+    sft_weight_decay: float = 0.01
+    sft_seed: int = 0
+
+
+DEFAULT_CONFIG = ToyConfig()
+# Response budget for sampling (train.py's default for the toy): a 3-4 step chain is ~25 characters.
+MAX_NEW_TOKENS = 40
+
+# ====================================================================================================
+# 1. The task
+# ====================================================================================================
+# Prompt format. Short and unambiguous for a character-level model: the numbers separated by spaces, ">",
+# the target, ":" — e.g. "3 7 2 5>29:". The response follows the ":" directly, e.g. "3*7=21,21+5=26".
+
+
+def format_prompt(numbers: list[int], target: int) -> str:
+    """'3 7 2 5>29:' — numbers separated by spaces, '>' then the target, ':' then the response."""
+    return " ".join(str(n) for n in numbers) + f">{target}:"
+
+
+# --- the solver ---
+# We enumerate expression trees bottom-up, the way a person plays Countdown: repeatedly pick two of the
+# available values (given numbers or earlier results), combine them with an operation, and put the result
+# back. Every time a combination produces a value we record the chain of steps that built it. Intermediate
+# results are kept positive integers (the usual Countdown convention: no 0, no negatives, exact division),
+# so the chains read naturally; the verifier is more permissive (it also accepts e.g. "3-5=-2"), so the
+# counts below are "solutions a Countdown player would write", a lower bound of what the verifier accepts.
+
+
+def _combine(a: int, b: int):
+    """All ways to combine values a and b into a positive integer: (result, op, swapped), where
+    swapped=True means the step is written "b op a" (e.g. the larger number first for - and /)."""
+    # + and * are written larger operand first ("6+4=10"): one surface form per step, so the model's
+    # probability mass is spread over different *solutions*, not over spellings of the same one.
+    out = [(a + b, "+", b > a), (a * b, "*", b > a)]
+    if a > b:
+        out.append((a - b, "-", False))
+    if b > a:
+        out.append((b - a, "-", True))
+    if a % b == 0:
+        out.append((a // b, "/", False))
+    if b % a == 0 and a != b:
+        out.append((b // a, "/", True))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _chains_by_value(numbers: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
+    """value -> every step chain (as a string) that ends on that value, for a sorted tuple of numbers.
+
+    Chains are deduplicated by the tree they build (our own canonical string, commutative operands
+    sorted, the same convention as the verifier's key) to keep the lists short; `solve` then groups them
+    by the verifier's key, the one that counts.
+    """
+    found: dict[int, dict[str, str]] = {}
+    visited: set[tuple] = set()
+
+    # An item is (value, tree, steps): tree is a canonical string, steps the chain of steps that built it.
+    def search(items: list[tuple[int, str, tuple[str, ...]]]):
+        state = tuple(sorted((value, tree) for value, tree, _ in items))
+        if state in visited:  # the same multiset of subtrees, reached by combining in another order
+            return
+        visited.add(state)
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                rest = items[:i] + items[i + 1 : j] + items[j + 1 :]
+                for result, op, swapped in _combine(items[i][0], items[j][0]):
+                    left, right = (items[j], items[i]) if swapped else (items[i], items[j])
+                    t_left, t_right = left[1], right[1]
+                    if op in "+*" and t_right < t_left:
+                        t_left, t_right = t_right, t_left
+                    tree = f"({t_left}{op}{t_right})"
+                    steps = left[2] + right[2] + (f"{left[0]}{op}{right[0]}={result}",)
+                    found.setdefault(result, {}).setdefault(tree, ",".join(steps))
+                    search(rest + [(result, tree, steps)])
+
+    search([(n, str(n), ()) for n in numbers])
+    return {value: tuple(chains.values()) for value, chains in found.items()}
+
+
+def solve(numbers: list[int], target: int) -> dict[str, str]:
+    """All correct solutions of (numbers, target): verifier canonical key -> one step chain reaching it.
+
+    Every chain returned is checked by `check_countdown`, so each one is correct and the keys are exactly
+    the verifier's (solutions equal up to commutativity share a key; different associations do not).
+    """
+    solutions: dict[str, str] = {}
+    for chain in _chains_by_value(tuple(sorted(int(n) for n in numbers))).get(int(target), ()):
+        check = check_countdown(chain, numbers, target)
+        assert check.correct, (chain, numbers, target, check.error)  # the solver and verifier must agree
+        solutions.setdefault(check.key, chain)
+    return solutions
+
+
+# --- problems and splits ---
+
+
+def _problem_key(numbers, target) -> tuple:
+    """Identity of a problem for split disjointness: the multiset of numbers and the target."""
+    return (tuple(sorted(numbers)), int(target))
+
+
+def generate_problems(
+    n: int,
+    seed: int,
+    config: ToyConfig = DEFAULT_CONFIG,
+    exclude: set | None = None,
+    id_prefix: str = "cd",
+) -> list[dict]:
+    """n distinct Countdown problems, each with at least `config.min_solutions` distinct solutions.
+
+    For each problem we draw the numbers, solve for *every* target at once (one enumeration gives the
+    solutions of all reachable values), keep the targets in [min_target, max_target] with enough distinct
+    solutions, and pick one uniformly. Uniform over targets (not over (numbers, target) weighted by
+    solution count) keeps many problems near the minimum of 3 solutions, where collapse is easiest to see.
+    Problems in `exclude` (keys from `_problem_key`) and repeats are skipped.
+    """
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    problems = []
+    draws = 0
+    while len(problems) < n:
+        draws += 1
+        if draws > 100 * n + 10_000:  # the ranges admit fewer than n distinct problems
+            raise ValueError(f"could only generate {len(problems)} of {n} distinct problems; widen the ranges")
+        k = 3 if rng.random() < config.p_three_numbers else 4
+        numbers = [rng.randint(config.min_number, config.max_number) for _ in range(k)]
+        if config.sort_numbers:
+            numbers.sort()
+        candidates = [
+            t
+            for t, chains in sorted(_chains_by_value(tuple(sorted(numbers))).items())
+            if config.min_target <= t <= config.max_target and t not in numbers and len(chains) >= config.min_solutions
+        ]
+        if not candidates:
+            continue
+        if config.weight_targets_by_solutions:
+            chains = _chains_by_value(tuple(sorted(numbers)))
+            target = rng.choices(candidates, weights=[len(chains[t]) for t in candidates])[0]
+        else:
+            target = rng.choice(candidates)
+        if _problem_key(numbers, target) in seen:
+            continue
+        solutions = solve(numbers, target)
+        if len(solutions) < config.min_solutions:
+            continue
+        seen.add(_problem_key(numbers, target))
+        problems.append(
+            {
+                "id": f"{id_prefix}-{len(problems):05d}",
+                "task": "countdown",
+                "numbers": numbers,
+                "target": target,
+                "prompt": format_prompt(numbers, target),
+                "answer": str(target),
+                "n_solutions": len(solutions),
+            }
+        )
+    return problems
+
+
+@lru_cache(maxsize=4)
+def _splits(config: ToyConfig) -> dict[str, tuple[dict, ...]]:
+    # One seeded stream: the held-out problems first, then train problems that exclude them. Asking for
+    # more train problems therefore never changes the held-out split.
+    heldout = generate_problems(config.n_heldout, config.data_seed, config, id_prefix="heldout")
+    train = generate_problems(
+        config.n_train,
+        config.data_seed + 1,
+        config,
+        exclude={_problem_key(p["numbers"], p["target"]) for p in heldout},
+        id_prefix="train",
+    )
+    return {"train": tuple(train), "heldout": tuple(heldout)}
+
+
+def load_split(split: str, config: ToyConfig = DEFAULT_CONFIG) -> list[dict]:
+    """The deterministic "train" or "heldout" split (fresh dict copies; generated in ~1 s, then cached)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
+    return [dict(p, numbers=list(p["numbers"])) for p in _splits(config)[split]]
+
+
+# ====================================================================================================
+# 2. Tokenizer: one token per character
+# ====================================================================================================
+# Character-level keeps the model honest about arithmetic (no multi-digit tokens to memorise) and makes
+# the vocabulary tiny (~25), so nearly all parameters are in the transformer blocks. We build it with the
+# `tokenizers` library and wrap it as a `PreTrainedTokenizerFast`, so that everything downstream (RL
+# trainer, vLLM-style code, notebooks) uses the standard Hugging Face API and `AutoTokenizer` loads it.
+
+ALPHABET = "0123456789+-*/=,>: "  # digits, operations, the step and prompt separators, space
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+def build_tokenizer():
+    """A character-level `PreTrainedTokenizerFast`: pad/eos/unk special tokens, left padding."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *ALPHABET])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every char is a "word"
+    core.decoder = decoders.Fuse()  # join tokens with nothing in between (the default would add spaces)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        padding_side="left",  # batched generation: prompts right-aligned so responses start together
+        clean_up_tokenization_spaces=False,
+        model_max_length=DEFAULT_CONFIG.max_positions,
+    )
+
+
+# ====================================================================================================
+# 3. Model: a tiny Qwen2
+# ====================================================================================================
+# The same architecture family as the real models the methods are meant for (RoPE, RMSNorm, SwiGLU,
+# grouped-query attention), just small: 128 wide, 4 layers, tied embeddings, ~0.9M parameters.
+
+
+def build_model(tokenizer, seed: int = 0, config: ToyConfig = DEFAULT_CONFIG):
+    """A freshly initialised `Qwen2ForCausalLM` whose generation config samples purely (T=1, no top-k/p)."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(model_config)
+    # Plain sampling from the model's distribution: RL theory (and the diversity we measure) is about the
+    # policy itself, so no top-k / top-p truncation and temperature 1 unless a caller asks otherwise.
+    model.generation_config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=config.max_positions // 2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    return model
+
+
+# ====================================================================================================
+# 4. Warm start: SFT on sampled correct solutions, cached on disk
+# ====================================================================================================
+# RL from a random model would never see a reward, so the policy starts from a short supervised phase:
+# teacher forcing on (prompt, correct solution) pairs of TRAIN problems, the solution drawn uniformly among
+# that problem's distinct solutions each time (a uniform mixture over solutions is the most diverse start
+# a model can be taught), loss on the response and EOS only. It is stopped early on purpose: the goal is
+# not a good Countdown solver but an *imperfect, diverse* one — see the targets in `measure_warm_start`.
+
+
+def _encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+response+EOS and labels (-100 on the prompt: we do not train on it)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
+
+
+def _collate(examples, pad_id: int):
+    """Right-pad a list of (ids, labels) into tensors. Right padding keeps position ids 0..L-1, exactly
+    what `generate` computes for a left-padded prompt (it derives positions from the attention mask)."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
+def sft_warm_start(model, tokenizer, config: ToyConfig = DEFAULT_CONFIG, progress: bool = True) -> list[float]:
+    """Teacher-forced SFT of `model` in place; returns the loss of every step.
+
+    Deterministic given the config: torch's seed fixes the initialisation (done in build_model), a
+    `random.Random(sft_seed)` fixes the data order, and CPU kernels are deterministic at a fixed thread count.
+    """
+    from tqdm.auto import tqdm
+
+    rng = random.Random(config.sft_seed)
+    torch.manual_seed(config.sft_seed)
+    train = load_split("train", config)
+    # each problem with all its distinct solutions; a step draws problems, then one solution uniformly
+    pool = [(p["prompt"], list(solve(p["numbers"], p["target"]).values())) for p in train]
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.sft_lr, betas=(0.9, 0.98), weight_decay=config.sft_weight_decay
+    )
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10% of the peak
+        if step < config.sft_warmup:
+            return (step + 1) / config.sft_warmup
+        progress_frac = (step - config.sft_warmup) / max(1, config.sft_steps - config.sft_warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + torch.cos(torch.tensor(progress_frac * torch.pi)).item())
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    model.train()
+    losses = []
+    bar = tqdm(range(config.sft_steps), desc="toy warm start (SFT)", disable=not progress)
+    for _ in bar:
+        batch = []
+        for _ in range(config.sft_batch_size):
+            prompt, chains = pool[rng.randrange(len(pool))]
+            batch.append(_encode_example(tokenizer, prompt, rng.choice(chains)))
+        input_ids, attention_mask, labels = _collate(batch, tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 512):
+    """Pure samples (T=1, no top-k/top-p), one per prompt, batched with left padding."""
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        responses += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return responses
+
+
+def measure_warm_start(
+    model_path,
+    n_prompts: int = 200,
+    n_samples: int = 32,
+    seed: int = 0,
+    split: str = "heldout",
+    config: ToyConfig = DEFAULT_CONFIG,
+    tokenizer=None,
+) -> dict:
+    """Measure what the warm start is tuned for, on the first `n_prompts` problems of `split`.
+
+    `model_path` is a folder (model + tokenizer) or an in-memory model (then the toy tokenizer is used
+    unless `tokenizer` is given). Each prompt gets `n_samples` pure samples (T=1, top_k=0, top_p=1).
+
+    pass@1                        mean correctness over all n_prompts * n_samples samples;
+    frac_solvable                 share of prompts with >= 1 correct sample among the n_samples;
+    distinct_correct_on_solvable  mean number of distinct correct solutions (verifier keys) among the
+                                  n_samples, over solvable prompts: the diversity RL can lose.
+    Targets for the default toy: pass@1 in [0.15, 0.60] (room to improve), distinct >= 3 (room to collapse).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model_path, (str, os.PathLike)):
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
+    else:
+        model, tokenizer = model_path, tokenizer or build_tokenizer()
+    was_training = model.training
+    model.eval()
+    problems = load_split(split, config)[:n_prompts]
+    prompts = [p["prompt"] for p in problems for _ in range(n_samples)]
+    with torch.random.fork_rng(devices=[]):  # seeded sampling without touching the caller's RNG state
+        torch.manual_seed(seed)
+        responses = sample_responses(model, tokenizer, prompts)
+    model.train(was_training)
+
+    n_correct, distinct = 0, []  # distinct: one entry per solvable prompt
+    for i, problem in enumerate(problems):
+        keys = [
+            check.key
+            for response in responses[i * n_samples : (i + 1) * n_samples]
+            if (check := check_countdown(response, problem["numbers"], problem["target"])).correct
+        ]
+        n_correct += len(keys)
+        if keys:
+            distinct.append(len(set(keys)))
+    return {
+        "pass@1": n_correct / len(prompts),
+        "frac_solvable": len(distinct) / len(problems),
+        "distinct_correct_on_solvable": sum(distinct) / max(1, len(distinct)),
+        "n_prompts": len(problems),
+        "n_samples": n_samples,
+    }
+
+
+def _config_hash(config: ToyConfig) -> str:
+    blob = json.dumps({"version": TOY_VERSION, **asdict(config)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def default_cache_dir() -> str:
+    """$RLVR_CACHE, else <repo>/.cache."""
+    return os.environ.get("RLVR_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
+
+
+def ensure_toy_model(cache_dir: str | None = None, config: ToyConfig = DEFAULT_CONFIG, progress: bool = True) -> str:
+    """Folder with the warm-started toy model and its tokenizer, built on first use (~2 min on 2 cores).
+
+    The folder is `<cache>/toy-<hash of config and TOY_VERSION>`. It is written to a temporary folder and
+    renamed into place with `os.replace` (atomic), so it either exists complete or not at all, even if the
+    build crashes. A file lock serialises concurrent callers (e.g. several torchrun ranks): the first
+    builds, the others wait and then find the finished folder.
+    """
+    root = cache_dir or default_cache_dir()
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f"toy-{_config_hash(config)}")
+    if os.path.isdir(path):  # fast path, no lock: a folder at this name is always complete
+        return path
+    with open(path + ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # blocks while another process builds; released on close
+        if os.path.isdir(path):  # someone else built it while we waited
+            return path
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=root)
+        try:
+            info = _build_toy_model(tmp, config, progress)
+            with open(os.path.join(tmp, "toy_build.json"), "w") as f:
+                json.dump(info, f, indent=2)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _build_toy_model(out_dir: str, config: ToyConfig, progress: bool) -> dict:
+    """Build tokenizer + model, run the SFT warm start, save both to out_dir; return build facts."""
+    start = time.time()
+    # A ~1M-parameter model gains nothing from many threads (the matrices are 128 wide) and loses to
+    # synchronisation; on 2 cores, 2 threads are ~1.7x faster than 1. We cap at 4.
+    with _torch_threads(max(1, min(4, os.cpu_count() or 1))):
+        tokenizer = build_tokenizer()
+        model = build_model(tokenizer, seed=config.sft_seed, config=config)
+        losses = sft_warm_start(model, tokenizer, config, progress=progress)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {
+        "toy_version": TOY_VERSION,
+        "config": asdict(config),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "sft_final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "build_seconds": round(time.time() - start, 1),
+    }
+
+
+# ====================================================================================================
+# `python toy.py`: build (or find) the cached warm start and print what it is
+# ====================================================================================================
+
+if __name__ == "__main__":
+    t0 = time.time()
+    train, heldout = load_split("train"), load_split("heldout")
+    mean_solutions = sum(p["n_solutions"] for p in train) / len(train)
+    print(f"task: {len(train)} train / {len(heldout)} held-out problems, {mean_solutions:.1f} distinct solutions "
+          f"per problem on average ({time.time() - t0:.1f}s); e.g. {train[0]['prompt']!r} -> "
+          f"{next(iter(solve(train[0]['numbers'], train[0]['target']).values()))!r}")
+    t0 = time.time()
+    path = ensure_toy_model()
+    print(f"model: {path} (ready in {time.time() - t0:.0f}s)")
+    with open(os.path.join(path, "toy_build.json")) as f:
+        print("build:", json.load(f))
+    t0 = time.time()
+    result = measure_warm_start(path)
+    print(f"warm start on held-out ({time.time() - t0:.0f}s):", json.dumps(result))
