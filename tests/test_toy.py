@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -158,3 +159,80 @@ def test_left_padding_does_not_change_the_next_token_distribution():
         padded = model(**batch, position_ids=position_ids).logits[0, -1]
         alone = model(**tokenizer([short], return_tensors="pt")).logits[0, -1]
     torch.testing.assert_close(padded, alone, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache: atomic, locked, reproducible (on a tiny config so that each build takes a second or two)
+# ----------------------------------------------------------------------------------------------------
+
+_TINY = toy.ToyConfig(n_train=50, n_heldout=10, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                      intermediate_size=64, sft_steps=3, sft_batch_size=8, sft_warmup=1)
+
+
+def test_concurrent_callers_build_once_and_share_the_result(tmp_path, monkeypatch):
+    import threading
+
+    builds = []
+    real_build = toy._build_toy_model
+
+    def counting_build(*args, **kwargs):
+        builds.append(1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(toy, "_build_toy_model", counting_build)
+    paths = []
+    # flock locks belong to open file descriptions, so two threads that each open the lock file exclude
+    # each other exactly like two processes would.
+    threads = [threading.Thread(target=lambda: paths.append(toy.ensure_toy_model(str(tmp_path), _TINY, False)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(set(paths)) == 1 and len(paths) == 3
+    path = paths[0]
+    assert os.path.basename(path).startswith("toy-")
+    assert {"config.json", "generation_config.json", "tokenizer.json", "toy_build.json"} <= set(os.listdir(path))
+    assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []  # no temporary folder left behind
+    assert toy.ensure_toy_model(str(tmp_path), _TINY, False) == path and len(builds) == 1  # cached
+
+
+def test_a_crashed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    def crashing_build(out_dir, config, progress):
+        open(os.path.join(out_dir, "half-written.safetensors"), "w").close()
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(toy, "_build_toy_model", crashing_build)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        toy.ensure_toy_model(str(tmp_path), _TINY, False)
+    assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == []
+
+
+def test_warm_start_is_reproducible(tmp_path):
+    from safetensors.torch import load_file
+
+    a = toy.ensure_toy_model(str(tmp_path / "a"), _TINY, False)
+    b = toy.ensure_toy_model(str(tmp_path / "b"), _TINY, False)
+    weights_a = load_file(os.path.join(a, "model.safetensors"))
+    weights_b = load_file(os.path.join(b, "model.safetensors"))
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    # and the cache key follows the config: another config is another folder
+    assert toy.ensure_toy_model(str(tmp_path / "a"), toy.ToyConfig(**{**toy.asdict(_TINY), "sft_seed": 1}), False) != a
+
+
+# ----------------------------------------------------------------------------------------------------
+# The warm start itself (built once per machine, ~2 min on 2 cores, then cached)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="known miss, issue 2 open: the current warm start measures pass@1 0.137 "
+                   "and 2.70 distinct correct on solvable (200 held-out prompts x 32 samples); targets 0.15-0.60 and >= 3")
+def test_warm_start_meets_its_targets():
+    path = toy.ensure_toy_model()
+    result = toy.measure_warm_start(path, n_prompts=64, n_samples=32, seed=0)
+    # imperfect: room for RL to improve pass@1 ...
+    assert 0.15 <= result["pass@1"] <= 0.60, result
+    # ... and diverse: several distinct correct solutions per solvable prompt, room to collapse
+    assert result["distinct_correct_on_solvable"] >= 3.0, result
+    assert result["frac_solvable"] >= 0.5, result

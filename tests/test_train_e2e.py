@@ -95,7 +95,9 @@ def test_micro_batching_does_not_change_the_update(toy_model_dir, tmp_path):
                                "--seed", "2", *QUICK]) == 0
             runs[budget] = _params(out / "checkpoints" / "step_000001")
         for k, v in runs[10**6].items():
-            torch.testing.assert_close(v, runs[90][k], atol=1e-6, rtol=1e-5)
+            # Adam divides by sqrt(v): summation-order noise on near-zero gradients shows up as ~1e-5 on a
+            # few entries; a wrong per-micro-batch weighting moves many entries by ~lr (3e-4).
+            torch.testing.assert_close(v, runs[90][k], atol=3e-5, rtol=1e-3)
 
 
 def test_dapo_dynamic_sampling_logs_and_keeps_informative_groups(toy_model_dir, tmp_path, monkeypatch):
