@@ -12,12 +12,13 @@ it) on a laptop CPU, we need a task where
 The task (Countdown). A prompt lists a few small numbers and a target; the response is a chain of
 arithmetic steps reaching the target, each given number used at most once (not necessarily all):
 
-    prompt   "3 7 2 5>29:"          numbers 3 7 2 5, target 29 (">" reads "make", ":" ends the prompt)
-    response "3*7=21,21+5=26,26+..."  no: "7*5=35,35-... " etc.; a correct one is "3*7=21,21+2=23,..."
+    prompt    "3 7 2 5>29:"               numbers 3 7 2 5, target 29 (">" reads "make", ":" ends it)
+    response  "7*5=35,3*2=6,35-6=29"      one solution: (7*5)-(3*2)
+              "5*3=15,7*2=14,15+14=29"    a genuinely different one: (5*3)+(7*2)
 
 (the exact rules, and the canonical solution key that identifies "the same solution up to
-commutativity", live in verifier.py; this file only *uses* `check_countdown`, so the number of
-solutions we count here is exactly the number the verifier can tell apart).
+commutativity", live in verifier.py; this file takes its keys from `check_countdown`, so two solutions
+counted as different here are different for the verifier and for every diversity metric built on it).
 
 This file, top to bottom:
   1. the task: an exhaustive solver, problem generation, deterministic train / held-out splits;
@@ -26,7 +27,10 @@ This file, top to bottom:
   4. the warm start: supervised fine-tuning (SFT) on sampled correct solutions, cached on disk,
      and `measure_warm_start`, which checks the start has the properties RL needs.
 
-`python toy.py` builds the cached model (about two minutes on 2 CPU cores) and prints its measurements.
+`python toy.py` builds the cached model and prints its measurements. Measured on 2 CPU cores with the
+default config: the splits take ~1 s (2000 train / 200 held-out problems, 10.9 distinct solutions per
+problem on average, median 10); the warm start ~155 s; on held-out prompts it then reaches pass@1 0.22
+with 4.1 distinct correct solutions among 32 samples on the 98% of prompts it solves at least once.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -54,7 +59,8 @@ from verifier import check_countdown
 # is a hash of it (plus TOY_VERSION, bumped when the code changes in a way the config does not show), so
 # a change never silently reuses a stale model.
 
-TOY_VERSION = 1
+# 2: byte-level tokenizer file (v1's lost every space when AutoTokenizer reloaded it), no padding by 1
+TOY_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,14 @@ class ToyConfig:
     # --- task ---
     min_number: int = 2  # numbers are drawn uniformly from [min_number, max_number]
     max_number: int = 10
-    p_three_numbers: float = 0.0  # share of prompts with 3 numbers (the rest have 4)
-    sort_numbers: bool = False  # show the numbers in ascending order
-    min_target: int = 10  # targets are drawn from the values reachable with >= min_solutions solutions
-    max_target: int = 30
+    # share of prompts with 3 numbers (the rest have 4). Few 3-number problems have >= 3 solutions (fewer
+    # than 200 with these ranges, most with exactly 3), so the default uses 4 numbers.
+    p_three_numbers: float = 0.0
+    min_target: int = 10  # targets are drawn among the values in [min_target, max_target] that have
+    max_target: int = 30  # >= min_solutions distinct solutions with the drawn numbers
+    # Pick the target with probability proportional to its number of solutions (else uniformly). Measured:
+    # with targets <= 30 instead of <= 60, this raised held-out pass@1 of the warm start from ~0.14 to
+    # ~0.2 at equal SFT compute (more ways to be right) and gives more distinct solutions to lose.
     weight_targets_by_solutions: bool = True
     min_solutions: int = 3  # keep a (numbers, target) only if it has this many distinct solutions
     n_train: int = 2000
@@ -79,6 +89,13 @@ class ToyConfig:
     intermediate_size: int = 448
     max_positions: int = 96
     # --- warm start (SFT) ---
+    # 1500 steps x 64 sequences: each train problem is seen ~48 times, each of its solutions ~4 times.
+    # "Realistic" here is early stopping: the model has learnt the format and the arithmetic of single
+    # steps but not yet to plan, and its typical failure is a last step forced onto the target
+    # ("14*3=45"), a clear signal for RL. Measured (held-out pass@1): with targets up to 60 drawn
+    # uniformly, 600 / 800 / 1200 steps gave 0.08 / 0.12 / 0.14, so pass@1 grows slowly with compute;
+    # lr 1e-2 trained much worse than 3e-3; at equal CPU time a 0.47M model (hidden 96, 2000 steps) did
+    # ~0.04 better than this ~0.9M one, which we keep as the default size.
     sft_steps: int = 1500
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
@@ -88,14 +105,15 @@ class ToyConfig:
 
 
 DEFAULT_CONFIG = ToyConfig()
-# Response budget for sampling (train.py's default for the toy): a 3-4 step chain is ~25 characters.
+# Response budget for sampling (train.py's default for the toy): a 3-step chain is at most ~26 characters.
 MAX_NEW_TOKENS = 40
 
 # ====================================================================================================
 # 1. The task
 # ====================================================================================================
 # Prompt format. Short and unambiguous for a character-level model: the numbers separated by spaces, ">",
-# the target, ":" — e.g. "3 7 2 5>29:". The response follows the ":" directly, e.g. "3*7=21,21+5=26".
+# the target, ":" — e.g. "3 7 2 5>29:". The response follows the ":" directly, e.g. "7*5=35,3*2=6,35-6=29",
+# and ends with the EOS token. Numbers keep the order they were drawn in (part of what the model reads).
 
 
 def format_prompt(numbers: list[int], target: int) -> str:
@@ -106,25 +124,30 @@ def format_prompt(numbers: list[int], target: int) -> str:
 # --- the solver ---
 # We enumerate expression trees bottom-up, the way a person plays Countdown: repeatedly pick two of the
 # available values (given numbers or earlier results), combine them with an operation, and put the result
-# back. Every time a combination produces a value we record the chain of steps that built it. Intermediate
-# results are kept positive integers (the usual Countdown convention: no 0, no negatives, exact division),
-# so the chains read naturally; the verifier is more permissive (it also accepts e.g. "3-5=-2"), so the
-# counts below are "solutions a Countdown player would write", a lower bound of what the verifier accepts.
+# back. Every time a combination produces a value we record the chain of steps that built it.
+# Two Countdown conventions keep the solutions meaningful:
+#   * intermediate results are positive integers (no 0, no negatives, exact division);
+#   * no step multiplies or divides by 1. Otherwise every solution of 27 from 9 3 2 3 that leaves 3 and 2
+#     unused has padded twins, "9*3=27,3-2=1,27*1=27", "...,27/1=27", "3-2=1,9*1=9,9*3=27", ... which the
+#     verifier keys apart but nobody would call different solutions (6 of the 14 keys in that example).
+# The verifier is more permissive (it accepts "3-5=-2" or "27*1=27"), so the counts here are the genuinely
+# different solutions, a lower bound of what it accepts. A policy that learns padding to look diverse is
+# something the diversity metrics, not this solver, have to see.
 
 
 def _combine(a: int, b: int):
-    """All ways to combine values a and b into a positive integer: (result, op, swapped), where
-    swapped=True means the step is written "b op a" (e.g. the larger number first for - and /)."""
+    """All ways to combine values a and b by one Countdown step: (result, op, swapped), where
+    swapped=True means the step is written "b op a" (the larger value first for -, the divisor second)."""
     # + and * are written larger operand first ("6+4=10"): one surface form per step, so the model's
     # probability mass is spread over different *solutions*, not over spellings of the same one.
-    out = [(a + b, "+", b > a), (a * b, "*", b > a)]
-    if a > b:
-        out.append((a - b, "-", False))
-    if b > a:
-        out.append((b - a, "-", True))
-    if a % b == 0:
+    out = [(a + b, "+", b > a)]
+    if a != 1 and b != 1:
+        out.append((a * b, "*", b > a))
+    if a != b:
+        out.append((abs(a - b), "-", b > a))
+    if b != 1 and a % b == 0:
         out.append((a // b, "/", False))
-    if b % a == 0 and a != b:
+    if a != 1 and a != b and b % a == 0:
         out.append((b // a, "/", True))
     return out
 
@@ -196,9 +219,8 @@ def generate_problems(
 
     For each problem we draw the numbers, solve for *every* target at once (one enumeration gives the
     solutions of all reachable values), keep the targets in [min_target, max_target] with enough distinct
-    solutions, and pick one uniformly. Uniform over targets (not over (numbers, target) weighted by
-    solution count) keeps many problems near the minimum of 3 solutions, where collapse is easiest to see.
-    Problems in `exclude` (keys from `_problem_key`) and repeats are skipped.
+    solutions, and pick one (in proportion to its solution count, see ToyConfig). Problems in `exclude`
+    (keys from `_problem_key`) and repeats are skipped.
     """
     rng = random.Random(seed)
     seen = set(exclude or ())
@@ -210,8 +232,6 @@ def generate_problems(
             raise ValueError(f"could only generate {len(problems)} of {n} distinct problems; widen the ranges")
         k = 3 if rng.random() < config.p_three_numbers else 4
         numbers = [rng.randint(config.min_number, config.max_number) for _ in range(k)]
-        if config.sort_numbers:
-            numbers.sort()
         candidates = [
             t
             for t, chains in sorted(_chains_by_value(tuple(sorted(numbers))).items())
@@ -220,6 +240,8 @@ def generate_problems(
         if not candidates:
             continue
         if config.weight_targets_by_solutions:
+            # weights: the solver's tree counts, equal to the verifier's key counts but for rare ties
+            # between a given number and an equal intermediate result (only a weight, checked just below)
             chains = _chains_by_value(tuple(sorted(numbers)))
             target = rng.choices(candidates, weights=[len(chains[t]) for t in candidates])[0]
         else:
@@ -270,28 +292,41 @@ def load_split(split: str, config: ToyConfig = DEFAULT_CONFIG) -> list[dict]:
 # 2. Tokenizer: one token per character
 # ====================================================================================================
 # Character-level keeps the model honest about arithmetic (no multi-digit tokens to memorise) and makes
-# the vocabulary tiny (~25), so nearly all parameters are in the transformer blocks. We build it with the
+# the vocabulary tiny (22), so nearly all parameters are in the transformer blocks. We build it with the
 # `tokenizers` library and wrap it as a `PreTrainedTokenizerFast`, so that everything downstream (RL
-# trainer, vLLM-style code, notebooks) uses the standard Hugging Face API and `AutoTokenizer` loads it.
+# trainer, evaluation, notebooks) uses the standard Hugging Face API and `AutoTokenizer` loads it.
+#
+# Why byte-level BPE with no merges, rather than a plain word-level vocabulary of characters? Because the
+# folder also holds a Qwen2 config.json, and for model_type "qwen2" transformers' AutoTokenizer ignores the
+# saved tokenizer class and rebuilds a `Qwen2Tokenizer` from our vocabulary: a byte-level BPE with its own
+# pre-tokenizer, in which a space is the byte-level symbol "Ġ". A word-level vocabulary containing " "
+# silently loses every space on reload ("3 7 2 10" becomes "37210"). Written in the byte-level alphabet
+# ("Ġ" for space) with an empty merge list, our tokenizer is character-level under both classes, token for
+# token, and `test_toy.py` checks the reload in a folder that has the model's config.json.
 
 ALPHABET = "0123456789+-*/=,>: "  # digits, operations, the step and prompt separators, space
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 
 def build_tokenizer():
-    """A character-level `PreTrainedTokenizerFast`: pad/eos/unk special tokens, left padding."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level `PreTrainedTokenizerFast`: ids 0-2 are <pad>, <eos>, <unk>, then one id per
+    character of ALPHABET; left padding. Characters outside the alphabet are dropped (as in the Qwen2
+    class that AutoTokenizer reloads it as); the task never produces one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *ALPHABET])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every char is a "word"
-    core.decoder = decoders.Fuse()  # join tokens with nothing in between (the default would add spaces)
+    byte_to_symbol = bytes_to_unicode()  # the GPT-2 byte-level alphabet: " " -> "Ġ", printable ASCII unchanged
+    symbols = [byte_to_symbol[ord(char)] for char in ALPHABET]
+    vocab = {token: i for i, token in enumerate([PAD, EOS, UNK, *symbols])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))  # no merges: one token per char
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD,
         eos_token=EOS,
-        unk_token=UNK,
+        unk_token=UNK,  # declared so that a reload does not add Qwen2's default "<|endoftext|>" as a new token
         padding_side="left",  # batched generation: prompts right-aligned so responses start together
         clean_up_tokenization_spaces=False,
         model_max_length=DEFAULT_CONFIG.max_positions,
@@ -331,7 +366,7 @@ def build_model(tokenizer, seed: int = 0, config: ToyConfig = DEFAULT_CONFIG):
         temperature=1.0,
         top_k=0,
         top_p=1.0,
-        max_new_tokens=config.max_positions // 2,
+        max_new_tokens=MAX_NEW_TOKENS,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
@@ -347,13 +382,6 @@ def build_model(tokenizer, seed: int = 0, config: ToyConfig = DEFAULT_CONFIG):
 # that problem's distinct solutions each time (a uniform mixture over solutions is the most diverse start
 # a model can be taught), loss on the response and EOS only. It is stopped early on purpose: the goal is
 # not a good Countdown solver but an *imperfect, diverse* one — see the targets in `measure_warm_start`.
-
-
-def _encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids of prompt+response+EOS and labels (-100 on the prompt: we do not train on it)."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
 
 
 def _collate(examples, pad_id: int):
@@ -381,8 +409,16 @@ def sft_warm_start(model, tokenizer, config: ToyConfig = DEFAULT_CONFIG, progres
     rng = random.Random(config.sft_seed)
     torch.manual_seed(config.sft_seed)
     train = load_split("train", config)
-    # each problem with all its distinct solutions; a step draws problems, then one solution uniformly
-    pool = [(p["prompt"], list(solve(p["numbers"], p["target"]).values())) for p in train]
+    # Each train problem with all its distinct solutions, tokenized once: (prompt ids, [response ids + EOS]).
+    # A step draws problems uniformly, then one of the problem's solutions uniformly.
+    eos = [tokenizer.eos_token_id]
+    pool = [
+        (
+            tokenizer(p["prompt"])["input_ids"],
+            [tokenizer(chain)["input_ids"] + eos for chain in solve(p["numbers"], p["target"]).values()],
+        )
+        for p in train
+    ]
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.sft_lr, betas=(0.9, 0.98), weight_decay=config.sft_weight_decay
@@ -392,7 +428,7 @@ def sft_warm_start(model, tokenizer, config: ToyConfig = DEFAULT_CONFIG, progres
         if step < config.sft_warmup:
             return (step + 1) / config.sft_warmup
         progress_frac = (step - config.sft_warmup) / max(1, config.sft_steps - config.sft_warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + torch.cos(torch.tensor(progress_frac * torch.pi)).item())
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress_frac))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
@@ -401,8 +437,10 @@ def sft_warm_start(model, tokenizer, config: ToyConfig = DEFAULT_CONFIG, progres
     for _ in bar:
         batch = []
         for _ in range(config.sft_batch_size):
-            prompt, chains = pool[rng.randrange(len(pool))]
-            batch.append(_encode_example(tokenizer, prompt, rng.choice(chains)))
+            prompt_ids, responses = pool[rng.randrange(len(pool))]
+            response_ids = rng.choice(responses)
+            # labels: -100 on the prompt (we do not train on it), the response and EOS are predicted
+            batch.append((prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids))
         input_ids, attention_mask, labels = _collate(batch, tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
@@ -417,7 +455,7 @@ def sft_warm_start(model, tokenizer, config: ToyConfig = DEFAULT_CONFIG, progres
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, batch_size: int = 512):
+def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 512):
     """Pure samples (T=1, no top-k/top-p), one per prompt, batched with left padding."""
     responses = []
     for start in range(0, len(prompts), batch_size):
@@ -518,6 +556,11 @@ def ensure_toy_model(cache_dir: str | None = None, config: ToyConfig = DEFAULT_C
         fcntl.flock(lock_file, fcntl.LOCK_EX)  # blocks while another process builds; released on close
         if os.path.isdir(path):  # someone else built it while we waited
             return path
+        # A builder killed outright (SIGKILL, or SIGTERM, which skips the cleanup below) leaves its temporary
+        # folder behind. Holding the lock, we know no build of this config is running: remove them.
+        for stale in os.listdir(root):
+            if stale.startswith(os.path.basename(path) + ".tmp-"):
+                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=root)
         try:
             info = _build_toy_model(tmp, config, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ from verifier import check_countdown
 def test_solver_finds_exactly_the_hand_checked_solutions():
     # 2 3 4 -> 10. By hand, with positive intermediate results: 2*3+4 and 3*4-2. Nothing else works:
     # sums of all three give 9, 2*4=8 leaves 3 (8+3=11, 8-3=5), 4-2=2 / 4/2=2 leave 3 (5, 6, 1),
-    # 3+4=7 / 4-3=1 leave 2 (9, 14, 5, 3, 2), 2+3=5 leaves 4 (9, 20, 1), 3-2=1 leaves 4 (5, 4, 3),
-    # and (x op y) with a single pair never reaches 10 (max 3*4=12, then 2*... uses the third number).
+    # 3+4=7 / 4-3=1 leave 2 (9, 14, 5, 3; 1*2 and 2/1 are padding), 2+3=5 leaves 4 (9, 20, 1),
+    # 3-2=1 leaves 4 (5, 3), and no single step reaches 10.
     assert set(toy.solve([2, 3, 4], 10)) == {"((2*3)+4)", "((3*4)-2)"}
     # 2 3 4 -> 9: only sums, three associations are three different keys (commutativity is not).
     assert set(toy.solve([4, 2, 3], 9)) == {"((2+3)+4)", "((2+4)+3)", "((3+4)+2)"}
@@ -37,16 +38,28 @@ def test_every_solution_checks_and_keys_match_the_verifier():
             assert check.correct and check.key == key, (chain, check)
 
 
+def test_solver_leaves_out_padding_by_one_that_the_verifier_would_accept():
+    solutions = toy.solve([9, 3, 2, 3], 27)
+    assert "(3*9)" in solutions and "((2*9)+(3*3))" in solutions and len(solutions) == 8
+    for chain in solutions.values():
+        for step in chain.split(","):
+            a, op, b = re.fullmatch(r"(\d+)([-+*/])(\d+)=\d+", step).groups()
+            assert not (op in "*/" and "1" in (a, b)), chain  # no "27*1=27", "9/1=9", ...
+    padded = check_countdown("9*3=27,3-2=1,27*1=27", [9, 3, 2, 3], 27)
+    assert padded.correct and padded.key not in solutions  # the verifier keys it apart; we do not count it
+
+
 def _brute_force_keys(numbers, target):
     """Independent check of completeness: every chain of <= len(numbers)-1 steps over all operand
-    choices, tried with the verifier itself (slow but obviously complete for positive intermediates)."""
+    choices, tried with the verifier itself (slow but obviously complete), under the solver's two
+    conventions: positive intermediate results, no multiplying or dividing by 1."""
     keys = set()
 
     def extend(values, chain):
         for (i, a), (j, b) in itertools.permutations(enumerate(values), 2):
             rest = [v for t, v in enumerate(values) if t not in (i, j)]
             for op in "+-*/":
-                if op == "/" and a % b:
+                if (op == "/" and (a % b or b == 1)) or (op == "*" and 1 in (a, b)):
                     continue
                 c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
                 if c <= 0:
@@ -61,7 +74,9 @@ def _brute_force_keys(numbers, target):
     return keys
 
 
-@pytest.mark.parametrize("numbers,target", [([3, 5, 7, 2], 22), ([9, 3, 2, 3], 42), ([4, 4, 6, 10], 34)])
+@pytest.mark.parametrize(
+    "numbers,target", [([3, 5, 7, 2], 22), ([9, 3, 2, 3], 42), ([9, 3, 2, 3], 27), ([4, 4, 6, 10], 34), ([5, 5, 2], 12)]
+)
 def test_solver_is_complete_against_brute_force(numbers, target):
     assert set(toy.solve(numbers, target)) == _brute_force_keys(numbers, target)
 
@@ -111,7 +126,8 @@ def test_solution_counts_are_in_the_intended_range():
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path):
+@pytest.mark.parametrize("with_model_config", [False, True])
+def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path, with_model_config):
     from transformers import AutoTokenizer
 
     tokenizer = toy.build_tokenizer()
@@ -120,8 +136,14 @@ def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path):
     assert len(ids) == len(text)  # one token per character
     assert tokenizer.decode(ids) == text
     assert tokenizer.unk_token_id not in ids
+    assert len(tokenizer) == 3 + len(toy.ALPHABET)
     tokenizer.save_pretrained(tmp_path)
+    if with_model_config:
+        # the layout of the cached folder: next to a Qwen2 config.json, AutoTokenizer rebuilds the tokenizer
+        # as a Qwen2Tokenizer; a word-level vocabulary would lose every space here
+        toy.build_model(tokenizer, seed=0).save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(loaded) == len(tokenizer)  # no token added on reload (it would be outside the embedding)
     assert loaded(text)["input_ids"] == ids and loaded.decode(ids) == text
     assert loaded.padding_side == "left"
     assert loaded.pad_token == "<pad>" and loaded.eos_token == "<eos>"
@@ -208,6 +230,17 @@ def test_a_crashed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == []
 
 
+def test_a_killed_builders_leftovers_are_cleaned_by_the_next_build(tmp_path):
+    # SIGKILL skips every cleanup, so a temporary folder can be left; the next builder (holding the lock)
+    # removes it, and never mistakes it for a finished model.
+    name = f"toy-{toy._config_hash(_TINY)}"
+    os.makedirs(tmp_path / f"{name}.tmp-killed")
+    (tmp_path / f"{name}.tmp-killed" / "model.safetensors").write_text("half")
+    path = toy.ensure_toy_model(str(tmp_path), _TINY, False)
+    assert os.path.basename(path) == name
+    assert sorted(os.listdir(tmp_path)) == sorted([name, f"{name}.lock"])
+
+
 def test_warm_start_is_reproducible(tmp_path):
     from safetensors.torch import load_file
 
@@ -226,10 +259,12 @@ def test_warm_start_is_reproducible(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="known miss, issue 2 open: the current warm start measures pass@1 0.137 "
-                   "and 2.70 distinct correct on solvable (200 held-out prompts x 32 samples); targets 0.15-0.60 and >= 3")
 def test_warm_start_meets_its_targets():
+    from transformers import AutoTokenizer
+
     path = toy.ensure_toy_model()
+    prompt = toy.load_split("heldout")[0]["prompt"]
+    assert AutoTokenizer.from_pretrained(path)(prompt)["input_ids"] == toy.build_tokenizer()(prompt)["input_ids"]
     result = toy.measure_warm_start(path, n_prompts=64, n_samples=32, seed=0)
     # imperfect: room for RL to improve pass@1 ...
     assert 0.15 <= result["pass@1"] <= 0.60, result
