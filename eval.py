@@ -540,12 +540,17 @@ def plot_run(run_dir: Path) -> Path:
         ax.set_title(label)
         ax.grid(alpha=0.3)
     ax = axes[3]
-    if summary and "pass_at_k" in summary:
-        ks = [int(k) for k in summary["pass_at_k"]]
-        ax.plot(ks, [summary["pass_at_k"][str(k)] for k in ks], marker="o")
-        ax.set_xscale("log", base=2)
-        s = summary["sampling"]
-        ax.set_title(f"held-out pass@k (T={s['temperature']}, n={s['n']})")
+    start_path = run_dir / "eval_start.json"
+    curves = [("start", json.loads(start_path.read_text()) if start_path.exists() else None), ("end", summary)]
+    for label, result in curves:
+        if result and "pass_at_k" in result:
+            ks = [int(k) for k in result["pass_at_k"]]
+            ax.plot(ks, [result["pass_at_k"][str(k)] for k in ks], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            s = result["sampling"]
+            ax.set_title(f"held-out pass@k (T={s['temperature']}, n={s['n']})")
+    if any(result for _, result in curves):
+        ax.legend()
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k")
     ax.grid(alpha=0.3)

@@ -130,6 +130,9 @@ class TrainConfig:
     eval_prompts: int = 64
     eval_samples: int = 16
     final_eval: bool = True
+    # also evaluate the starting policy (same prompts, same sampling seed) into eval_start.json, so the
+    # run's own summary shows what training changed; skipped on --resume (the file is already there)
+    eval_at_start: bool = True
     log_entropy: bool = True  # detached token entropy for logging (one extra reduction per chunk)
     logit_chunk_rows: int = 4096  # rows of the [tokens, vocab] logits processed at once
     tensorboard: bool = True
@@ -910,6 +913,10 @@ class Trainer:
 
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
                    desc=f"{cfg.method}", disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True)
+        if cfg.final_eval and cfg.eval_at_start and self.start_step == 0:
+            start = self.evaluate()
+            if self.dist.is_main:
+                (self.run_dir / "eval_start.json").write_text(json.dumps(start, indent=2))
         step = self.start_step
         for step in bar:
             metrics = self.train_step(step)
@@ -1007,6 +1014,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
 def main(argv=None) -> int:
     try:
         cfg, overrides = parse_args(argv)
+        if not cfg.progress:  # --no-progress also silences transformers' own bars (checkpoint shards)
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
         trainer = Trainer(cfg, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

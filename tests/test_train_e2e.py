@@ -23,16 +23,27 @@ QUICK = ["--no-final-eval", "--no-progress", "--no-tensorboard"]
 
 
 def test_grpo_raises_reward_on_toy(toy_model_dir, tmp_path):
-    """~40 GRPO steps from the warm start raise the mean training reward by a clear margin."""
+    """40 GRPO steps from the warm start raise the reward: on the training batches, and (the cleaner
+    measure) on the same held-out prompts evaluated before and after with the same sampling seed.
+
+    Measured on 2 CPU cores (seeds 0 / 1 / 2): held-out pass@1 0.227 -> 0.350 / 0.389 / 0.337; training
+    reward, first 5 steps -> last 10, 0.252 -> 0.348 / 0.283 -> 0.349 / 0.327 -> 0.362. The training windows
+    see different prompts (some batches are harder than others), hence the smaller margin asserted there.
+    """
     out = tmp_path / "grpo"
     rc = train.main(["--method", "grpo", "--steps", "40", "--seed", "0", "--out", str(out), "--save-every", "20",
-                     "--eval-prompts", "32", "--eval-samples", "8", "--no-progress"])
+                     "--eval-prompts", "64", "--eval-samples", "16", "--no-progress"])
     assert rc == 0
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 41))
     start = sum(r["reward_mean"] for r in rows[:5]) / 5
-    end = sum(r["reward_mean"] for r in rows[-5:]) / 5
-    assert end > start + 0.08, f"reward did not rise: {start:.3f} -> {end:.3f}"
+    end = sum(r["reward_mean"] for r in rows[-10:]) / 10
+    assert end > start + 0.04, f"training reward did not rise: {start:.3f} -> {end:.3f}"
+    before = json.loads((out / "eval_start.json").read_text())
+    after = json.loads((out / "summary.json").read_text())
+    assert before["sampling"] == after["sampling"] and before["n_problems"] == after["n_problems"] == 64
+    p1_before, p1_after = before["pass_at_k"]["1"], after["pass_at_k"]["1"]
+    assert p1_after > p1_before + 0.07, f"held-out pass@1 did not rise: {p1_before:.3f} -> {p1_after:.3f}"
     # parameters changed
     from transformers import AutoModelForCausalLM
 
@@ -40,11 +51,10 @@ def test_grpo_raises_reward_on_toy(toy_model_dir, tmp_path):
     final = _params(out / "checkpoints" / "step_000040")
     assert any(not torch.equal(init[k], v) for k, v in final.items())
     # the run folder is complete
-    for name in ("metrics.jsonl", "config.json", "summary.json", "training.png"):
+    for name in ("metrics.jsonl", "config.json", "eval_start.json", "summary.json", "training.png"):
         assert (out / name).exists(), name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020", "step_000040"]
-    summary = json.loads((out / "summary.json").read_text())
-    assert 0 <= summary["pass_at_k"]["1"] <= summary["pass_at_k"]["8"] <= 1
+    assert 0 <= after["pass_at_k"]["1"] <= after["pass_at_k"]["16"] <= 1
     for key in ("reward_mean", "reward_std", "frac_reward_zero_std", "clip_frac_low", "clip_frac_high",
                 "entropy", "response_length", "time_generate", "time_score", "time_update"):
         assert key in rows[0], key
