@@ -1,11 +1,16 @@
-"""eval.py — pass@k (unbiased), avg@n, maj@k and distinct correct solutions, from one sampling run.
+"""eval.py — how good and how diverse a policy's samples are, from one sampling run; run comparisons.
 
     python eval.py --model runs/grpo-s0 --dataset countdown --n 32      # a run folder (latest checkpoint)
     python eval.py --model toy --n 32                                    # the warm-start toy model
     python eval.py --model Qwen/Qwen2.5-Math-1.5B --dataset data.jsonl --n 64 --temperature 0.7
+    python eval.py compare runs/grpo-s0 runs/grpo-s1 runs/dapo-s0       # compare.md + compare.png
+    python eval.py study --methods grpo,dapo --seeds 3 --steps 150      # train all, then compare
 
-writes eval.json and passk.png into --out and prints a short table. Every number is reported with the
+The first form writes eval.json and passk.png into --out and prints a short table: unbiased pass@k for
+k = 1, 2, 4, ..., n, avg@n, maj@n, distinct correct solutions, semantic and formula diversity (all samples
+and correct ones), and the policy's token entropy on its own samples. Every number is reported with the
 sampling parameters that produced it (temperature, top_p, n, k), as the grpo spec §8 asks.
+The diversity metrics are DSDR's D_emb and D_eq (dsdr.py imports them from here).
 """
 
 from __future__ import annotations
@@ -75,22 +80,51 @@ def majority_correct(answers: list[str | None], example: dict, results: list) ->
     return bool(results[rep].correct)  # that answer was verified against the gold (gold first)
 
 
-def problem_metrics(results: list, example: dict) -> dict:
+def solution_identity(result, text: str, task: str):
+    """What makes two correct samples "the same solution", for counting distinct correct ones.
+
+    Countdown: the verifier's canonical key (the same steps up to commutativity and order). Math: a
+    derivation has no canonical form, and the final answers of correct samples are all equal, so we use
+    the set of formulas the sample writes down (extract_formulas, DSDR's S(o)); a sample that writes no
+    formula is identified by its whole whitespace-normalised text.
+    """
+    if task == "countdown" and result.key is not None:
+        return result.key
+    formulas = extract_formulas(text)
+    return frozenset(formulas) if formulas else " ".join(text.split())
+
+
+def problem_metrics(results: list, example: dict, texts: list[str] | None = None) -> dict:
+    """Per-problem correctness metrics; `texts` (the decoded samples) are needed for math problems'
+    distinct-correct count (see solution_identity)."""
     n = len(results)
     c = sum(r.correct for r in results)
+    task = example.get("task", "math")
+    texts = texts if texts is not None else [r.answer or "" for r in results]
     return {
         "n": n, "c": c,
-        "distinct_correct": len({r.key if r.key is not None else r.answer for r in results if r.correct}),
+        "distinct_correct": len({solution_identity(r, t, task) for r, t in zip(results, texts) if r.correct}),
         "pass_at_k": {k: pass_at_k(n, c, k) for k in k_values(n)},
         "maj_at_n": majority_correct([r.answer for r in results], example, results),
     }
+
+
+# Diversity entries of `problem_metrics` dicts (added by evaluate_policy): nan where a prompt has no pair
+# in scope (e.g. fewer than 2 correct samples), and averaged over the prompts where they are defined.
+DIVERSITY_KEYS = ("semantic_diversity", "semantic_diversity_correct", "formula_diversity",
+                  "formula_diversity_correct")
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def aggregate_metrics(per_problem: list[dict]) -> dict:
     n = per_problem[0]["n"]
     ks = k_values(n)
     solvable = [p for p in per_problem if p["c"] > 0]
-    return {
+    out = {
         "n_problems": len(per_problem),
         "n_samples": n,
         "avg_at_n": float(np.mean([p["c"] / p["n"] for p in per_problem])),  # = unbiased pass@1
@@ -100,6 +134,13 @@ def aggregate_metrics(per_problem: list[dict]) -> dict:
         "distinct_correct_on_solvable": float(np.mean([p["distinct_correct"] for p in solvable])) if solvable else 0.0,
         "frac_solvable": len(solvable) / len(per_problem),
     }
+    for key in DIVERSITY_KEYS:
+        if key in per_problem[0]:
+            out[key] = _nanmean(p[key] for p in per_problem)
+    if "entropy_sum" in per_problem[0]:  # token-weighted: the mean over all sampled tokens
+        tokens = sum(p["entropy_tokens"] for p in per_problem)
+        out["token_entropy"] = sum(p["entropy_sum"] for p in per_problem) / tokens if tokens else float("nan")
+    return out
 
 
 # ====================================================================================================
@@ -185,9 +226,13 @@ class SentenceEncoder:
         return out.clone()  # a plain tensor, even if the library handed back an inference-mode one
 
 
-@functools.lru_cache(maxsize=None)
 def get_encoder(max_seq_length: int = 256, device: str | None = None) -> SentenceEncoder:
     """The process-wide SentenceEncoder for these settings (the model is loaded once per process)."""
+    return _cached_encoder(int(max_seq_length), None if device is None else str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_encoder(max_seq_length: int, device: str | None) -> SentenceEncoder:
     return SentenceEncoder(max_seq_length=max_seq_length, device=device)
 
 
@@ -459,12 +504,51 @@ def formula_diversity(texts_per_prompt: list[list[str]], only: list[list[bool]] 
 # ====================================================================================================
 
 
+def group_diversity(z: torch.Tensor, formula_sets: list[set[str]], only: list[bool] | None = None) -> tuple:
+    """(mean pairwise d_emb, mean D_eq) of one prompt's samples, or of the flagged ones only; nan for
+    both when fewer than 2 samples are in scope. z: the samples' embeddings [n, d]."""
+    keep = list(range(len(formula_sets))) if only is None else [i for i, f in enumerate(only) if f]
+    m = len(keep)
+    if m < 2:
+        return float("nan"), float("nan")
+    d = embedding_distance_matrix(z[keep])
+    semantic = float(d.sum()) / (m * (m - 1))
+    formula = float(formula_uniqueness([formula_sets[i] for i in keep]).mean())
+    return semantic, formula
+
+
+@torch.no_grad()
+def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int,
+                   temperature: float, token_budget: int = 16384) -> tuple[list[float], list[int]]:
+    """Per sample: the sum over its tokens of the policy's entropy H(π(·|context)/T) and its token count,
+    from one no-grad forward of (prompt, response) in micro-batches (vocabulary in chunks, train.py)."""
+    import train
+
+    batch = train.collate(prompt_ids, responses, pad_id, eos_id)
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(responses), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for mb in train.split_micro_batches(batch, list(range(len(responses))), token_budget):
+        mb = train.to_device(mb, device)
+        with train.autocast(device):
+            entropy = train.token_fields(model, mb, temperature, {"entropy"}, with_grad=False)["entropy"]
+        sums[mb["rows"].cpu()] = (entropy.float() * mb["response_mask"]).sum(-1).double().cpu()
+    model.train(was_training)
+    return sums.tolist(), batch["lengths"].tolist()
+
+
 def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperature: float, top_p: float,
-                    max_new_tokens: int, seed: int = 0, dist=None) -> dict:
+                    max_new_tokens: int, seed: int = 0, dist=None, diversity: bool = True,
+                    entropy_model=None) -> dict:
     """n samples per prompt from `rollout` (train.HFRollout or the vLLM engine), verified and scored.
 
-    With several ranks each samples its share of prompts and the results are gathered, so every rank
-    returns the same numbers.
+    Reports, averaged over prompts: pass@k for k = 1, 2, 4, ..., n, avg@n, maj@n, distinct correct, and
+    with `diversity` the semantic and formula diversity of all samples and of the correct ones (the same
+    D_emb / D_eq as DSDR; MiniLM loaded once per process, unique texts encoded once). With an
+    `entropy_model` (the policy, as an HF model) also the mean token entropy of the policy on its own
+    samples. With several ranks each samples its share of prompts and the per-prompt results are
+    gathered, so every rank returns the same numbers.
     """
     world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
     torch.manual_seed(seed + rank)
@@ -474,7 +558,22 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
                                  max_new_tokens=max_new_tokens) if mine else []
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
     results = verifier.verify_batch(texts, [ex for ex in mine for _ in range(n)])
-    per_problem = [problem_metrics(results[i * n:(i + 1) * n], ex) for i, ex in enumerate(mine)]
+    per_problem = [problem_metrics(results[i * n:(i + 1) * n], ex, texts[i * n:(i + 1) * n])
+                   for i, ex in enumerate(mine)]
+    if diversity and texts:
+        z = get_encoder().encode(texts)
+        formula_sets = [extract_formulas(t) for t in texts]
+        for i, p in enumerate(per_problem):
+            rows = slice(i * n, (i + 1) * n)
+            correct = [r.correct for r in results[rows]]
+            p["semantic_diversity"], p["formula_diversity"] = group_diversity(z[rows], formula_sets[rows])
+            p["semantic_diversity_correct"], p["formula_diversity_correct"] = \
+                group_diversity(z[rows], formula_sets[rows], correct)
+    if entropy_model is not None and responses:
+        sums, counts = sample_entropy(entropy_model, [p for p in prompt_ids for _ in range(n)], responses,
+                                      tokenizer.pad_token_id, tokenizer.eos_token_id, temperature)
+        for i, p in enumerate(per_problem):
+            p["entropy_sum"], p["entropy_tokens"] = sum(sums[i * n:(i + 1) * n]), sum(counts[i * n:(i + 1) * n])
     if dist is not None and dist.enabled:
         per_problem = [p for part in dist.gather_objects(per_problem) for p in part]
     out = aggregate_metrics(per_problem)
@@ -570,7 +669,280 @@ def format_table(result: dict) -> str:
              f"({result['distinct_correct_on_solvable']:.2f} on solvable)",
              "k       " + " ".join(f"{k:>7}" for k in result["pass_at_k"]),
              "pass@k  " + " ".join(f"{v:7.4f}" for v in result["pass_at_k"].values())]
+    if "semantic_diversity" in result:
+        lines.append(f"semantic diversity {result['semantic_diversity']:.4f} (correct only "
+                     f"{result['semantic_diversity_correct']:.4f})   formula diversity "
+                     f"{result['formula_diversity']:.4f} (correct only {result['formula_diversity_correct']:.4f})")
+    if "token_entropy" in result:
+        lines.append(f"token entropy {result['token_entropy']:.4f} nats")
     return "\n".join(lines)
+
+
+def flat_metrics(result: dict, prefix: str = "eval/") -> dict:
+    """An evaluation result as flat scalars for metrics.jsonl: pass@k as `pass@K` keys, nested dicts
+    (sampling parameters) left out."""
+    out = {f"{prefix}{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+    out.update({f"{prefix}pass@{k}": v for k, v in result.get("pass_at_k", {}).items()})
+    return out
+
+
+# ====================================================================================================
+# Comparing runs: one table and one figure, seeds pooled as mean ± std
+# ====================================================================================================
+# A run folder is what train.py writes (config.json, metrics.jsonl, eval_start.json, summary.json).
+# Runs that differ only in their seed form one row: their folder names with a trailing "-s<seed>"
+# removed are equal (train.py's default folder is runs/<method>-s<seed>, and `study` names them so).
+
+# (key in summary.json, column title) of the comparison table, in order
+TABLE_COLUMNS = (("pass@1", "pass@1"), ("pass@kmax", "pass@{kmax}"), ("distinct_correct_on_solvable",
+                 "distinct correct (solved prompts)"), ("semantic_diversity_correct", "semantic div. (correct)"),
+                 ("formula_diversity_correct", "formula div. (correct)"), ("token_entropy", "token entropy"))
+# (metrics.jsonl key, title, smoothed) of the curves over training steps
+CURVES = (("reward_mean", "training reward", True), ("entropy", "token entropy (training)", True),
+          ("distinct_correct", "distinct correct / group (training)", True),
+          ("eval/pass@1", "held-out pass@1", False), ("eval/pass@kmax", "held-out pass@{kmax}", False),
+          ("eval/distinct_correct_on_solvable", "held-out distinct correct (solved)", False),
+          ("eval/semantic_diversity_correct", "held-out semantic div. (correct)", False),
+          ("eval/formula_diversity_correct", "held-out formula div. (correct)", False))
+SMOOTH = 10  # moving-average window (steps) for the noisy per-step training curves
+
+
+def run_label(run_dir: Path) -> str:
+    return re.sub(r"-s\d+$", "", Path(run_dir).resolve().name)
+
+
+def load_run(run_dir: Path) -> dict:
+    """The parts of a run folder that `compare` reads; a clear error when it is not a run folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        raise SystemExit(f"error: {run_dir} is not a train.py run folder (no metrics.jsonl); pass run folders")
+    read = lambda name: json.loads((run_dir / name).read_text()) if (run_dir / name).exists() else None
+    return {"dir": run_dir, "label": run_label(run_dir), "rows": read_metrics(run_dir),
+            "start": read("eval_start.json"), "end": read("summary.json")}
+
+
+def _table_values(result: dict | None, kmax: int) -> dict:
+    if not result:
+        return {}
+    values = {key: result.get(key) for key, _ in TABLE_COLUMNS}
+    values["pass@1"] = result["pass_at_k"].get("1")
+    values["pass@kmax"] = result["pass_at_k"].get(str(kmax))
+    return values
+
+
+def _mean_std(values: list) -> str:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def _curve(rows: list[dict], key: str, start: dict | None, kmax: int) -> tuple[list, list]:
+    """(steps, values) of one metric over a run; held-out curves start at step 0 from eval_start.json."""
+    key = key.replace("kmax", str(kmax))
+    steps, values = [], []
+    if key.startswith("eval/") and start:
+        flat = flat_metrics(start)
+        if flat.get(key) is not None:
+            steps.append(0)
+            values.append(flat[key])
+    for r in rows:
+        if r.get(key) is not None:
+            steps.append(r["step"])
+            values.append(r[key])
+    return steps, values
+
+
+def compare_runs(run_dirs: list, out: Path) -> str:
+    """Writes out/compare.md (the table) and out/compare.png (curves); returns the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [load_run(d) for d in run_dirs]
+    if not runs:
+        raise SystemExit("error: compare needs at least one run folder")
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["label"], []).append(run)
+    # the largest k every finished run has: pass@k is only comparable at equal n
+    ns = [int(run["end"]["n_samples"]) for run in runs if run["end"]]
+    kmax = min(ns) if ns else 1
+    kmax = max(k for k in k_values(kmax))
+    titles = [t.format(kmax=kmax) for _, t in TABLE_COLUMNS]
+    lines = ["| run | seeds | steps | " + " | ".join(titles) + " |", "|---" * (len(titles) + 3) + "|"]
+    starts = [run for run in runs if run["start"]]
+    if starts:  # the common starting policy (the same for every run that started from the same model)
+        vals = [_table_values(run["start"], kmax) for run in starts[:1]]
+        lines.append("| start (step 0) | – | 0 | " + " | ".join(_mean_std([v.get(k) for v in vals])
+                                                           for k, _ in TABLE_COLUMNS) + " |")
+    for label, members in groups.items():
+        vals = [_table_values(run["end"], kmax) for run in members]
+        steps = sorted({run["rows"][-1]["step"] for run in members if run["rows"]})
+        lines.append(f"| {label} | {len(members)} | {'/'.join(map(str, steps)) or '–'} | "
+                     + " | ".join(_mean_std([v.get(k) for v in vals]) for k, _ in TABLE_COLUMNS) + " |")
+    end = next((run["end"] for run in runs if run["end"]), None)
+    note = ""
+    if end:
+        s = end["sampling"]
+        note = (f"\nHeld-out evaluation at the end of each run: {end['n_problems']} prompts × n = {s['n']} samples, "
+                f"T = {s['temperature']}, top_p = {s['top_p']}; mean ± std over seeds (sample std). Diversity "
+                f"columns: mean pairwise (1 − cos)/2 of MiniLM embeddings and DSDR's D_eq, among correct samples.\n")
+    table = "\n".join(lines) + "\n" + note
+
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title, smooth) in zip(axes.flat, CURVES):
+        for ci, (label, members) in enumerate(groups.items()):
+            curves = [_curve(run["rows"], key, run["start"], kmax) for run in members]
+            curves = [(np.asarray(x), np.asarray(y, dtype=float)) for x, y in curves if len(x)]
+            if not curves:
+                continue
+            if smooth:  # trailing moving average: step t shows the mean of steps t-SMOOTH+1..t
+                curves = [(x, np.convolve(y, np.ones(SMOOTH), "full")[:len(y)] / np.minimum(np.arange(1, len(y) + 1), SMOOTH))
+                          for x, y in curves]
+            common = sorted(set.intersection(*[set(x.tolist()) for x, _ in curves]))
+            ys = np.array([[dict(zip(x.tolist(), y))[t] for t in common] for x, y in curves])
+            mean = ys.mean(0)
+            color = colors[ci % len(colors)]
+            ax.plot(common, mean, color=color, marker=None if smooth else "o", ms=3,
+                    label=f"{label} (n={len(curves)})")
+            if len(curves) > 1:
+                std = ys.std(0, ddof=1)
+                ax.fill_between(common, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set_title(title.format(kmax=kmax) + (f" (avg of {SMOOTH} steps)" if smooth else ""), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("mean ± std over seeds")
+    fig.tight_layout()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "compare.png", dpi=110)
+    plt.close(fig)
+    (out / "compare.md").write_text(table)
+    return table
+
+
+def compare_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="eval.py compare",
+                                     description="one Markdown table and one figure for several run folders")
+    parser.add_argument("runs", nargs="+", help="train.py run folders (seeds of one setting are pooled)")
+    parser.add_argument("--out", default="compare_out", help="folder for compare.md and compare.png")
+    args = parser.parse_args(argv)
+    table = compare_runs(args.runs, Path(args.out))
+    print(table)
+    print(f"wrote {Path(args.out) / 'compare.md'} and {Path(args.out) / 'compare.png'}")
+    return 0
+
+
+# ====================================================================================================
+# The toy study: methods × seeds at an equal budget, then `compare`
+# ====================================================================================================
+
+
+def parse_variant(spec: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """A study entry "method[:flag[=value]]...": "dsdr:no_coupling" is dsdr with --no-coupling,
+    "dsdr:tau=0" is dsdr with --tau 0 (the paper's ablation rows as study entries)."""
+    name, *flags = spec.split(":")
+    return name, [(f.split("=", 1)[0], f.split("=", 1)[1] if "=" in f else None) for f in flags if f]
+
+
+def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_every: int, train_args: list[str],
+          progress: bool = True) -> str:
+    """Train every method × seed on the toy default with the same budget (steps, prompts per step, group
+    size) and, per seed, the same prompt order; evaluate the held-out prompts at every checkpoint; then
+    write study.md and study.png (via compare_runs).
+
+    The policy is evaluated in the training loop each time a checkpoint is saved (`--eval-every` =
+    `--save-every`): the same weights a later pass would load, without reloading them. Resumable: a run
+    that reached `steps` and has summary.json is finished and skipped; any other run continues from its latest checkpoint
+    (train.py's bit-exact --resume). DAPO's dynamic sampling draws extra batches, so its prompt order
+    drifts from GRPO's after the first step that drops a group.
+    """
+    import train
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [(m, s) for s in seeds for m in methods]
+    for m in methods:  # unknown / unimplemented methods and bad variants fail here, before any training
+        name, flags = parse_variant(m)
+        try:
+            train.build_method(name, {k.replace("-", "_"): True if v is None else
+                                      {"true": True, "false": False}.get(v.lower(), train._parse_value(v))
+                                      for k, v in flags})
+        except train.ConfigError as e:
+            raise SystemExit(f"error: {m}: {e}")
+    run_dirs = [out / f"{m.replace(':', '-').replace('=', '')}-s{s}" for m, s in plan]
+    def done(run_dir: Path) -> bool:  # finished: evaluated at the end of a run of exactly `steps` steps
+        rows = read_metrics(run_dir)
+        return (run_dir / "summary.json").exists() and bool(rows) and rows[-1]["step"] == steps
+
+    total = len(plan) * steps
+    bar = tqdm(total=total, desc="study", unit="step", disable=not progress, dynamic_ncols=True)
+    for (method, seed), run_dir in zip(plan, run_dirs):
+        if done(run_dir):
+            bar.update(steps)
+            continue
+        name, flags = parse_variant(method)
+        variant = []
+        for key, value in flags:
+            key = key.replace("_", "-")
+            if value is None or value.lower() in ("true", "false"):  # a switch: --flag / --no-flag
+                variant.append(f"--{key}" if value is None or value.lower() == "true" else f"--no-{key}")
+            else:
+                variant += [f"--{key}", value]
+        argv = ["--method", name, *variant, "--seed", str(seed), "--steps", str(steps), "--out", str(run_dir),
+                "--eval-every", str(eval_every), "--save-every", str(eval_every), "--no-progress", *train_args]
+        resume = train.latest_checkpoint(run_dir) is not None if run_dir.exists() else False
+        if resume:
+            argv.append("--resume")
+        try:
+            cfg, overrides = train.parse_args(argv)
+            trainer = train.Trainer(cfg, overrides)
+        except train.ConfigError as e:
+            raise SystemExit(f"error: {method} seed {seed}: {e}")
+        bar.update(trainer.start_step)
+        bar.set_description(f"study {method} seed {seed}")
+
+        def on_step(step, metrics):
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", distinct=f"{metrics['distinct_correct']:.2f}")
+
+        trainer.fit(on_step=on_step)
+        if trainer.dist.enabled:
+            torch.distributed.destroy_process_group()
+    bar.close()
+    table = compare_runs(run_dirs, out)
+    os.replace(out / "compare.md", out / "study.md")
+    os.replace(out / "compare.png", out / "study.png")
+    return table
+
+
+def study_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="eval.py study", description=study.__doc__.split("\n\n")[0],
+                                     epilog="Arguments after -- go to train.py, e.g. -- --group-size 16")
+    parser.add_argument("--methods", default="grpo,dapo",
+                        help="comma-separated train.py methods; variants as method:flag or method:key=value, "
+                             "e.g. dsdr:no_global_diversity,dsdr:no_coupling,dsdr:tau=0")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=25, help="checkpoint + held-out evaluation period")
+    parser.add_argument("--out", default="study")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("train_args", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.steps < 1 or args.eval_every < 1:
+        parser.error("--seeds, --steps and --eval-every must be >= 1")
+    table = study([m for m in args.methods.split(",") if m], list(range(args.seeds)), args.steps,
+                  Path(args.out), args.eval_every, args.train_args, progress=not args.no_progress)
+    print(table)
+    print(f"wrote {Path(args.out) / 'study.md'} and {Path(args.out) / 'study.png'}")
+    return 0
 
 
 # ====================================================================================================
@@ -594,6 +966,11 @@ def resolve_model(model: str) -> str:
 def main(argv=None) -> int:
     import train
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
+    if argv and argv[0] == "study":
+        return study_main(argv[1:])
     parser = argparse.ArgumentParser(description="pass@k / avg@n / maj@k / distinct correct of a policy")
     parser.add_argument("--model", required=True, help="run folder, 'toy', hub name or local model folder")
     parser.add_argument("--dataset", default="countdown")
@@ -605,6 +982,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: the run folder or eval_out/)")
+    parser.add_argument("--no-diversity", dest="diversity", action="store_false",
+                        help="skip semantic (MiniLM) and formula diversity")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be >= 1")
@@ -622,7 +1001,7 @@ def main(argv=None) -> int:
     model, tokenizer = train.load_policy(model_path, device)
     rollout = train.HFRollout(model, tokenizer, cfg, device)
     result = evaluate_policy(rollout, tokenizer, examples, args.n, args.temperature, args.top_p,
-                             cfg.max_new_tokens, seed=args.seed)
+                             cfg.max_new_tokens, seed=args.seed, diversity=args.diversity, entropy_model=model)
     result["model"] = args.model
     result["dataset"] = args.dataset
     out = Path(args.out) if args.out else (Path(args.model) if Path(args.model, "checkpoints").is_dir()

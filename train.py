@@ -91,7 +91,10 @@ def build_method(name: str, overrides: dict | None = None) -> Method:
             raise ConfigError(f"method {name!r} has no hyperparameter {key!r}")
         setattr(cfg, key, value)
     if hasattr(cfg, "__post_init__"):
-        cfg.__post_init__()  # re-validate after overrides
+        try:
+            cfg.__post_init__()  # re-validate after overrides
+        except ValueError as e:
+            raise ConfigError(f"method {name!r}: {e}")
     return cls(cfg)
 
 
@@ -129,6 +132,7 @@ class TrainConfig:
     eval_every: int = 0  # held-out evaluation every N steps into metrics.jsonl (0: only at the end)
     eval_prompts: int = 64
     eval_samples: int = 16
+    eval_diversity: bool = True  # semantic (MiniLM) and formula diversity in held-out evaluations
     final_eval: bool = True
     # also evaluate the starting policy (same prompts, same sampling seed) into eval_start.json, so the
     # run's own summary shows what training changed; skipped on --resume (the file is already there)
@@ -516,6 +520,10 @@ def slice_batch(batch: dict, idx: list[int]) -> dict:
     for key in ("lengths", "truncated", "advantages", "correct", "group_ids"):
         if key in batch:
             mb[key] = batch[key][index]
+    for key, value in batch.get("per_seq", {}).items():  # per-sequence tensors a method attached [S]
+        mb[key] = value[index]
+    if "group_size" in batch:
+        mb["group_size"] = batch["group_size"]
     for key, value in batch.get("fields", {}).items():  # per-token fields from the prepass [S, T]
         mb[key] = value[index][:, :t_keep] if value.dim() == 2 and value.shape[1] >= t_keep else value[index]
     return mb
@@ -849,6 +857,9 @@ class Trainer:
                     metrics[key] = metrics.get(key, 0.0) + v / cfg.mini_batches
         t_update = time.perf_counter() - t0
         metrics.update(self.rollout_metrics(batch, rewards))
+        for key, (total, count) in batch.get("method_metrics", {}).items():  # (sum, count) over this rank
+            count = self.dist.sum(count)
+            metrics[key] = self.dist.sum(total) / count if count else None
         metrics.update(info)
         metrics.update({"time_generate": batch["time_generate"], "time_score": t_score,
                         "time_update": t_update, "time_step": time.perf_counter() - t_start})
@@ -907,7 +918,8 @@ class Trainer:
         }
 
     # ---- 3. the run -------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, on_step=None) -> dict:
+        """Train to cfg.steps; `on_step(step, metrics)` is called after each logged step (eval.py study)."""
         cfg = self.cfg
         from tqdm.auto import tqdm
 
@@ -917,13 +929,18 @@ class Trainer:
             start = self.evaluate()
             if self.dist.is_main:
                 (self.run_dir / "eval_start.json").write_text(json.dumps(start, indent=2))
-        step = self.start_step
+        step, last_eval = self.start_step, (None, None)
         for step in bar:
             metrics = self.train_step(step)
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0:
-                metrics.update({f"eval/{k}": v for k, v in self.evaluate().items() if not isinstance(v, dict)})
+                import eval as evaluation
+
+                last_eval = (done, self.evaluate())
+                metrics.update(evaluation.flat_metrics(last_eval[1]))
             self.logger.log(done, metrics)
+            if on_step is not None:
+                on_step(done, metrics)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
                             entropy=f"{metrics.get('entropy') or 0:.3f}",
                             distinct=f"{metrics['distinct_correct']:.2f}")
@@ -932,7 +949,8 @@ class Trainer:
                                 self.method, cfg, self.dist, cfg.keep_checkpoints)
         summary = {}
         if cfg.final_eval:
-            summary = self.evaluate()
+            # the held-out evaluation of the final policy (already done if --eval-every hit the last step)
+            summary = last_eval[1] if last_eval[0] == cfg.steps else self.evaluate()
             if self.dist.is_main:
                 import eval as evaluation
 
@@ -950,7 +968,8 @@ class Trainer:
             examples = load_prompts(self.cfg, split="heldout")[: self.cfg.eval_prompts]
             result = evaluation.evaluate_policy(self.rollout, self.tokenizer, examples, self.cfg.eval_samples,
                                                 self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens,
-                                                seed=12345, dist=self.dist)
+                                                seed=12345, dist=self.dist, diversity=self.cfg.eval_diversity,
+                                                entropy_model=self.model)
         finally:
             set_rng_state(saved)
         return result
