@@ -13,8 +13,8 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 NPROC ?= 1
-# dsdr.py is not implemented yet (`--method dsdr` says so); until it lands `make train` runs grpo.
-METHOD ?= grpo
+# the embedded default: DSDR on the toy task (override: make train METHOD=grpo TRAIN_ARGS="--steps 50")
+METHOD ?= dsdr
 TRAIN_ARGS ?=
 
 .PHONY: install train test test-all bench notebooks clean-venv

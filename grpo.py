@@ -260,7 +260,10 @@ class Method:
          rollout batch from the prepass (ARM, Lp-Reg, SENT select tokens or shift advantages from them)
       4. `loss(mb, norm)` per micro-batch → the scalar to backward + metrics.
     `mb` is a dict of tensors for a micro-batch: logp [b,T] (with grad), mask [b,T], advantages [b],
-    old_logp, and whatever `needs()` asked for; `norm` is the global `Normaliser`.
+    old_logp, group_size, and whatever `needs()` asked for; `norm` is the global `Normaliser`.
+    Hooks may attach to the rollout batch: batch["per_seq"][name] = tensor [S] (sliced into every
+    micro-batch as mb[name]) and batch["method_metrics"][name] = (sum, count) over this rank's
+    sequences (logged as the global mean sum/count).
     """
 
     name = "grpo"

@@ -1,0 +1,240 @@
+"""DSDR: Dual-Scale Diversity Regularization for exploration in LLM reasoning.
+
+Read beside: Wan, Shen et al., "DSDR: Dual-Scale Diversity Regularization for Exploration in LLM
+Reasoning", arXiv 2602.19895 (official code: SUSTechBruce/DSDR, verl-based). Equation numbers below are
+the paper's.
+
+The idea. GRPO sharpens the policy onto a few solution paths: pass@1 rises while pass@k at large k and
+the number of distinct correct solutions fall. DSDR pushes back at two scales, both *only on correct
+rollouts*, so it never rewards being different and wrong:
+
+  1. global scale: a small bonus on the reward of a correct rollout for being different from the other
+     rollouts of its group (Eqs. 4–10). In a group where every rollout is correct GRPO's advantages
+     are all zero; with the bonus they become the z-score of the diversity score, a full-scale signal
+     that prefers the unusual correct solutions;
+  2. local scale: a length-invariant entropy bonus on the tokens of correct rollouts (Eqs. 12–15),
+     weighted per rollout by a softmax of the same diversity score (Eq. 11, the "global-to-local
+     coupling"): the more distinct a correct solution, the more its tokens are kept uncertain.
+
+Total objective (Eq. 16): J_DSDR = J_GRPO(θ; r̃) + λ_ℓ · J_local, on the DAPO-style base (clip 0.2/0.28,
+token-mean, no KL). The encoder and the formula extractor are shared with eval.py's diversity metrics,
+so what DSDR optimises is exactly what `eval.py` reports as semantic / formula diversity.
+
+Decisions where the paper is silent (spec D1–D9) are marked "spec Dn" where they are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eval import embedding_diversity, extract_formulas, formula_uniqueness, get_encoder
+from grpo import GRPOConfig, Method, Normaliser
+
+
+# ====================================================================================================
+# Hyperparameters (paper defaults; App. A and Table 2 unless noted)
+# ====================================================================================================
+@dataclass
+class DSDRConfig(GRPOConfig):
+    # --- the base (Table 2; spec D9): DAPO's clip-higher and token-mean, no KL, no dynamic sampling ---
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    agg: str = "token-mean"  # project decision: Eq. 3 is written seq-mean-token-mean, the code base is verl
+    adv_scale: str = "group"  # the std normalisation is what makes the tiny bonus matter (spec D4)
+    adv_eps: float = 1e-6  # λ_d·std(d) ≈ 2.4e-4 is comparable to TRL's 1e-4: keep 1e-6 (spec Pitfalls)
+    # --- global scale (Eqs. 4–10) ---
+    lambda_d: float = 0.001  # λ_d, weight of the diversity bonus (App. A; Fig. 6 sweeps 0.001–0.1)
+    sigma_d: float = 1.0  # σ_d, upper clip of d (Eq. 10); not reported, 1.0 is a no-op (spec D3)
+    diversity_among: str = "all"  # "all": compare with the other G−1 rollouts (Eqs. 6–7); "correct" (D1)
+    encoder_max_seq_length: int = 256  # word-pieces of the response MiniLM reads (≤ 512; spec D7)
+    formula_max_chars: int | None = None  # cut responses before formula extraction (1000 = DIVER; D2)
+    # --- local scale (Eqs. 11–15) ---
+    lambda_l: float = 0.001  # λ_ℓ, weight of the local term (App. A; > 0.01 collapses training, Fig. 6)
+    tau: float = 5.0  # τ, coupling temperature of the softmax over correct rollouts (Table 2)
+    local_detach_ratio: bool = False  # ablation only: ρ detached gives weighted unlikelihood (spec D5)
+    # --- ablations of Table 1 (spec D8) ---
+    no_global_diversity: bool = False  # "w/o GD": no bonus and uniform coupling weights 1/|P|
+    no_coupling: bool = False  # "w/o GC": the local term is off (λ_ℓ = 0), as §4.4 describes
+
+    def __post_init__(self):
+        if self.diversity_among not in ("all", "correct"):
+            raise ValueError(f"diversity_among must be 'all' or 'correct', got {self.diversity_among!r}")
+        if not 1 <= int(self.encoder_max_seq_length) <= 512:
+            raise ValueError(f"encoder_max_seq_length must be in [1, 512] (MiniLM has 512 positions), "
+                             f"got {self.encoder_max_seq_length}")
+        if self.lambda_d < 0 or self.lambda_l < 0 or self.tau < 0 or self.sigma_d <= 0:
+            raise ValueError("lambda_d, lambda_l and tau must be >= 0 and sigma_d > 0")
+
+
+# ====================================================================================================
+# Global scale: the diversity score d(o_i) ∈ [0, 1] of every rollout (Eqs. 4–9)
+# ====================================================================================================
+# Semantic part (Eqs. 4–6): D_emb(o_i) = mean_{j≠i} (1 − z̄_i·z̄_j)/2 with z̄ the L2-normalised MiniLM
+# embedding of the decoded response (response only: a shared prompt would pull every pair together).
+# Formula part (Eqs. 7–8): D_eq(o_i) = share of o_i's formulas that appear in no other rollout.
+# Both live in eval.py (one implementation for training and evaluation); their design notes are there.
+
+
+def diversity_scores(texts: list[str], correct: torch.Tensor, group_size: int, encoder=None,
+                     among: str = "all", formula_max_chars: int | None = None) -> dict[str, torch.Tensor]:
+    """d(o_i) = ½ (D_emb(o_i) + D_eq(o_i)) (Eq. 9) for every rollout, groups of `group_size` in order.
+
+    Returns {"d", "d_emb", "d_eq"}, float32 [S]. All S texts are embedded in one call (unique texts
+    once, no grad, spec D7); groups are then scored separately, so a group is only ever compared
+    with itself. With among="correct" each rollout is compared with the correct rollouts of its group
+    other than itself, and a group with at most one correct rollout scores 0 (spec D1).
+    """
+    S = len(texts)
+    if S % group_size:
+        raise ValueError(f"{S} texts do not form whole groups of {group_size}")
+    encoder = encoder if encoder is not None else get_encoder()
+    z = encoder.encode(texts)  # [S, 384], unit rows
+    formulas = [extract_formulas(t, formula_max_chars) for t in texts]
+    d_emb, d_eq = torch.zeros(S), torch.zeros(S)
+    for start in range(0, S, group_size):
+        rows = slice(start, start + group_size)
+        peers = correct[rows].bool() if among == "correct" else None
+        d_emb[rows] = embedding_diversity(z[rows], peers).float()  # Eq. 6
+        d_eq[rows] = formula_uniqueness(formulas[rows], peers)  # Eqs. 7–8
+    return {"d": 0.5 * (d_emb + d_eq), "d_emb": d_emb, "d_eq": d_eq}  # Eq. 9
+
+
+def shaped_rewards(rewards: torch.Tensor, correct: torch.Tensor, d: torch.Tensor, lambda_d: float,
+                   sigma_d: float = 1.0) -> torch.Tensor:
+    """r̃_i = r_i + λ_d · clip(d_i, 0, σ_d) · 1[r_i = 1] (Eq. 10).
+
+    Only correct rollouts get the bonus: being different is rewarded only when it is also right.
+    Incorrect rollouts keep their reward exactly, so all-wrong groups stay at zero advantage.
+
+    Computed in float64: the bonus is ~1e-4 on top of 1, and float32 (spacing 1.2e-7 near 1) would keep
+    only ~3 digits of it, enough to move the z-scored advantages of an all-correct group by ~2e-4.
+    """
+    d_bar = d.to(torch.float64).clamp(0.0, sigma_d)
+    return rewards.to(torch.float64) + lambda_d * d_bar * correct.to(torch.float64)
+
+
+# ====================================================================================================
+# Global-to-local coupling (Eq. 11; Thm 3.1, Prop. C.5)
+# ====================================================================================================
+
+
+def coupling_weights(d_bar: torch.Tensor, correct: torch.Tensor, group_size: int, tau: float) -> torch.Tensor:
+    """w_i = exp(τ d̄_i) / Σ_{j∈P} exp(τ d̄_j) for i in P (the correct rollouts of i's group), 0 elsewhere.
+
+    A softmax within each group over its correct rollouts: Σ_{i∈P} w_i = 1 whenever P ≠ ∅, and a
+    group with no correct rollout gets w ≡ 0 (handled explicitly: a softmax over all −inf is NaN).
+    τ → 0 gives uniform weights 1/|P|; large τ puts all the weight on the most diverse correct rollout.
+    Prop. C.5: w maximises Σ w_i d̄_i + H(w)/τ over the simplex on P. No gradient flows through w.
+    """
+    logits = (tau * d_bar.detach().float()).reshape(-1, group_size)
+    in_p = correct.bool().reshape(-1, group_size)
+    logits = logits.masked_fill(~in_p, float("-inf"))
+    has_correct = in_p.any(dim=1, keepdim=True)
+    w = torch.softmax(torch.where(has_correct, logits, torch.zeros_like(logits)), dim=1)
+    return torch.where(in_p, w, torch.zeros_like(w)).reshape(-1)
+
+
+# ====================================================================================================
+# Local scale: length-invariant, importance-sampled entropy on correct rollouts (Eqs. 12–15)
+# ====================================================================================================
+# Eq. 12 is the time-averaged token entropy (1/T) Σ_t H(π_θ(·|h_t)). Eq. 13 estimates it from the
+# sampled token only, with importance sampling from π_old, so no sum over the vocabulary is needed:
+#
+#     J_local = − Σ_i 1[r_i = 1] · w_i · (1/T_i) Σ_t ρ_{i,t} · log π_θ(o_{i,t} | h_{i,t})      (Eq. 15)
+#
+# with ρ = π_θ/π_old (Eq. 14), neither clipped nor detached (spec D5). On-policy ρ = 1 in value but
+# ∇(ρ log π) = ρ (1 + log π) ∇log π: an unbiased single-sample estimate of −∇(time-averaged entropy)
+# (the "+1" part has zero mean). Minimising ρ·log π lowers sampled tokens with p > 1/e and raises those
+# with p < 1/e. Detaching ρ would drop the "+1" and give weighted unlikelihood, a different regulariser.
+#
+# Our loss adds +λ_ℓ · L_local with L_local = (G/S) Σ_i w_i (Σ_t m_{i,t} ρ_{i,t} logp_{i,t}) / T_i, the
+# mean over the S/G prompts of the optimisation batch of Σ_i w_i · mean_t(ρ logp); no 1/G, because the
+# w of a prompt already sum to 1. Its value is negative (log-probs are); adding it maximises J_local.
+
+
+def local_entropy_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+                       group_size: int, norm: Normaliser, detach_ratio: bool = False) -> torch.Tensor:
+    """This micro-batch's share of L_local (see above); W · partial / S like grpo.py's aggregations, so
+    micro-batches and ranks add up to the full-batch value."""
+    ratio = torch.exp(logp - old_logp.detach())  # ρ (Eq. 14): 1 in value on-policy, gradient kept
+    if detach_ratio:
+        ratio = ratio.detach()
+    mask = mask.to(logp.dtype)
+    per_seq = (ratio * logp * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)  # (1/T_i) Σ_t ρ logp
+    per_seq = weights.to(logp.dtype) * per_seq  # w_i is 0 on incorrect rollouts: 1[r_i = 1] · w_i
+    return norm.world_size * group_size * per_seq.sum() / max(norm.n_seqs, 1.0)
+
+
+# ====================================================================================================
+# The method
+# ====================================================================================================
+
+
+class DSDR(Method):
+    """GRPO + the diversity bonus (global) + the coupled local entropy term. Hooks overridden:
+    `shape_rewards` (Eq. 10, and the weights of Eq. 11 for the update) and `loss` (Eq. 16)."""
+
+    name = "dsdr"
+    config_cls = DSDRConfig
+
+    @property
+    def local_on(self) -> bool:
+        return not self.cfg.no_coupling and self.cfg.lambda_l > 0
+
+    @property
+    def needs_scores(self) -> bool:
+        """d is needed for the bonus, or for diversity-weighted coupling; not at all under w/o GD."""
+        if self.cfg.no_global_diversity:
+            return False
+        return self.cfg.lambda_d > 0 or self.local_on
+
+    def needs(self) -> set[str]:
+        return super().needs() | {"texts"}
+
+    def on_train_start(self, ctx) -> None:
+        if self.needs_scores:  # load MiniLM now: a missing package fails before the first rollout
+            get_encoder(self.cfg.encoder_max_seq_length)
+
+    def shape_rewards(self, batch) -> torch.Tensor:
+        rewards = super().shape_rewards(batch)  # r_i (plus DAPO's overlong term if switched on)
+        correct, G = batch["correct"], batch["group_size"]
+        metrics = batch.setdefault("method_metrics", {})
+        if self.needs_scores:
+            scores = diversity_scores(batch["texts"], correct, G, get_encoder(self.cfg.encoder_max_seq_length),
+                                      self.cfg.diversity_among, self.cfg.formula_max_chars)
+            d_bar = scores["d"].clamp(0.0, self.cfg.sigma_d)  # Eq. 10's clip
+            if self.cfg.lambda_d > 0:
+                rewards = shaped_rewards(rewards, correct, scores["d"], self.cfg.lambda_d, self.cfg.sigma_d)
+            # logged separately: MiniLM reads only a prefix of long responses, the formula part all of it
+            n_correct = float(correct.sum())
+            for name in ("d", "d_emb", "d_eq"):
+                metrics[f"dsdr/{name}"] = (float(scores[name].sum()), float(len(correct)))
+                metrics[f"dsdr/{name}_correct"] = (float((scores[name] * correct).sum()), n_correct)
+        else:
+            d_bar = torch.zeros_like(rewards)  # w/o GD: τ·0 → uniform weights 1/|P| (spec D8)
+        if self.local_on:
+            weights = coupling_weights(d_bar, correct, G, self.cfg.tau)
+            batch.setdefault("per_seq", {})["coupling_weights"] = weights
+            # how peaked the coupling is: max_i w_i over groups with a correct rollout (1/|P| ... 1)
+            w = weights.reshape(-1, G)
+            has = correct.reshape(-1, G).bool().any(dim=1)
+            metrics["dsdr/w_max"] = (float(w.max(dim=1).values[has].sum()), float(has.sum()))
+        return rewards
+
+    def loss(self, mb, norm: Normaliser) -> tuple[torch.Tensor, dict]:
+        loss, stats = super().loss(mb, norm)  # L_pg(Â from r̃; clip 0.2/0.28, token-mean)
+        if self.local_on:
+            mask = mb["mask"]
+            if self.cfg.mask_truncated:
+                mask = mask * (~mb["truncated"]).to(mask.dtype).unsqueeze(-1)
+            local = local_entropy_loss(mb["logp"], mb["old_logp"], mask, mb["coupling_weights"],
+                                       mb["group_size"], norm, self.cfg.local_detach_ratio)
+            loss = loss + self.cfg.lambda_l * local  # Eq. 16
+            # summed over micro-batches and ranks by the loop: the full-batch L_local
+            stats["dsdr/local_loss"] = float(local.detach()) / norm.world_size
+        return loss, stats
+
+
+__all__ = ["DSDRConfig", "DSDR", "diversity_scores", "shaped_rewards", "coupling_weights", "local_entropy_loss"]
