@@ -460,16 +460,8 @@ def sample_responses(model, tokenizer, prompts: list[str], max_new_tokens: int =
     responses = []
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        # the model's own generation_config (build_model): do_sample, T = 1, top_k = 0, top_p = 1, EOS/pad
+        out = model.generate(**batch, generation_config=model.generation_config, max_new_tokens=max_new_tokens)
         responses += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return responses
 

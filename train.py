@@ -529,6 +529,20 @@ def slice_batch(batch: dict, idx: list[int]) -> dict:
     return mb
 
 
+def place_fields(out: dict, batch: dict, idx: torch.Tensor, fields: dict) -> None:
+    """Write a micro-batch's per-token fields into full-batch [S, T] (prompt fields: [S, P]) CPU tensors."""
+    S, T = batch["response_mask"].shape
+    for k, v in fields.items():
+        width = v.shape[1]
+        if k not in out:
+            full_w = batch["prompt_mask"].shape[1] if k.startswith("prompt") else T
+            out[k] = torch.zeros((S, full_w), dtype=v.dtype)
+        if k.startswith("prompt"):  # prompt fields are left-aligned: pad on the left
+            out[k][idx, -width:] = v.cpu()
+        else:
+            out[k][idx, :width] = v.cpu()
+
+
 def to_device(mb: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items()}
 
@@ -781,9 +795,17 @@ class Trainer:
         n_tokens = dist.sum(float(batch["response_mask"][counted].sum()))
         n_seqs = dist.sum(len(counted))
         norm = Normaliser(n_tokens, n_seqs, cfg.max_new_tokens, dist.world)
-        if method.needs_batch_fields:  # e.g. token selection over the whole optimisation batch
+        # Batch-level preparation (e.g. Lp-Reg's token selection over the whole optimisation batch) needs
+        # π_old's per-token fields of every row before the first backward. They come from the prepass,
+        # or, when the optimisation batch is a single forward on every rank (train_step decided), from
+        # that forward itself: no extra pass on-policy.
+        fused = method.needs_batch_fields and "fields" not in batch
+        if method.needs_batch_fields and not fused:
             method.prepare_update(batch, rows, dist)
         micro_batches = split_micro_batches(batch, rows, cfg.micro_batch_tokens) if rows else []
+        if fused and not micro_batches:  # nothing here, but keep prepare_update's collectives matched
+            batch["fields"] = {}
+            method.prepare_update(batch, rows, dist)
         want = {n for n in ("entropy", "minp_proxy_logp", "prompt_logp") if n in self.needs}
         if cfg.log_entropy:
             want.add("entropy")
@@ -802,6 +824,15 @@ class Trainer:
             for k, v in fields.items():
                 if k != "logp":
                     mb.setdefault(k, v)
+            if fused:
+                batch["fields"] = {}
+                place_fields(batch["fields"], batch, mb["rows"].cpu(),
+                             {("old_logp" if k == "logp" else k): v.detach() for k, v in fields.items()})
+                method.prepare_update(batch, rows, dist)
+                t_keep = mb["response_mask"].shape[1]
+                for k, v in batch["fields"].items():  # what prepare_update added, for this micro-batch
+                    if k not in mb:
+                        mb[k] = v[mb["rows"].cpu()][:, :t_keep].to(self.device) if v.dim() == 2 else v
             if self.ref_model is not None:
                 with torch.no_grad(), autocast(self.device):
                     mb["ref_logp"] = token_fields(self.ref_model, mb, cfg.temperature, set(), with_grad=False,
@@ -844,7 +875,12 @@ class Trainer:
         t_score = batch["time_score"] + time.perf_counter() - t0
         t0 = time.perf_counter()
         n_seq = len(batch["texts"])
-        if cfg.mini_batches > 1 or "prepass" in self.needs or method.needs_batch_fields:
+        needs_prepass = cfg.mini_batches > 1 or "prepass" in self.needs
+        if method.needs_batch_fields and not needs_prepass:  # fused into the training forward if the
+            # whole batch is one micro-batch on every rank (see update); otherwise a no-grad prepass
+            single = n_seq == 0 or len(split_micro_batches(batch, list(range(n_seq)), cfg.micro_batch_tokens)) == 1
+            needs_prepass = self.dist.sum(float(not single)) > 0
+        if needs_prepass:
             batch["fields"] = self.prepass(batch)
         per_mini = n_seq // cfg.mini_batches if n_seq else 0
         metrics: dict = {}
@@ -870,7 +906,6 @@ class Trainer:
         """No-grad forward over the whole rollout batch before its first backward: π_old's fields."""
         want = {n for n in ("entropy", "minp_proxy_logp", "prompt_logp") if n in self.needs}
         rows = list(range(len(batch["texts"])))
-        S, T = batch["response_mask"].shape
         out: dict[str, torch.Tensor] = {}
         for mb in split_micro_batches(batch, rows, self.cfg.micro_batch_tokens):
             idx = mb["rows"]
@@ -880,15 +915,7 @@ class Trainer:
                                       chunk_rows=self.cfg.logit_chunk_rows,
                                       minp_kappa=getattr(self.method.cfg, "kappa", 0.02))
             fields["old_logp"] = fields.pop("logp")
-            for k, v in fields.items():
-                width = v.shape[1]
-                if k not in out:
-                    full_w = batch["prompt_mask"].shape[1] if k.startswith("prompt") else T
-                    out[k] = torch.zeros((S, full_w), dtype=v.dtype)
-                if k.startswith("prompt"):  # prompt fields are left-aligned: pad on the left
-                    out[k][idx, -width:] = v.cpu()
-                else:
-                    out[k][idx, :width] = v.cpu()
+            place_fields(out, batch, idx, fields)
         return out
 
     def rollout_metrics(self, batch: dict, rewards: torch.Tensor) -> dict:

@@ -184,3 +184,49 @@ def test_method_overrides_from_cli():
     assert "ref_logp" in method.needs()
     with pytest.raises(ConfigError):
         train.build_method("grpo", {"not_a_field": 1})
+
+
+def test_batch_fields_come_from_the_training_forward_when_it_is_one_micro_batch(toy_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """A method with needs_batch_fields sees the same π_old fields whether they come from the fused
+    training forward (batch fits one micro-batch: no prepass) or from a no-grad prepass (small budget)."""
+    from safetensors.torch import load_file
+
+    from grpo import Method
+
+    seen = {}
+
+    class Recorder(Method):
+        needs_batch_fields = True
+
+        def needs(self):
+            return super().needs() | {"minp_proxy_logp"}
+
+        def prepare_update(self, batch, rows, dist):
+            fields = batch["fields"]
+            seen.setdefault(self.tag, []).append({k: v.clone() for k, v in fields.items()})
+            fields["selected"] = (fields["minp_proxy_logp"] > fields["old_logp"]).float()  # a token selection
+
+        def loss(self, mb, norm):
+            assert "selected" in mb and mb["selected"].shape == mb["mask"].shape
+            return super().loss(mb, norm)
+
+    prepasses = []
+    original = train.Trainer.prepass
+    monkeypatch.setattr(train.Trainer, "prepass", lambda self, batch: prepasses.append(1) or original(self, batch))
+    params = {}
+    for tag, budget in (("fused", 10**6), ("prepass", 200)):
+        Recorder.tag = tag
+        monkeypatch.setattr(train, "build_method", lambda name, overrides=None: Recorder())
+        out = tmp_path / tag
+        assert train.main(["--steps", "1", "--prompts-per-step", "4", "--group-size", "4", "--seed", "5",
+                           "--micro-batch-tokens", str(budget), "--out", str(out), "--no-final-eval",
+                           "--no-progress", "--no-tensorboard"]) == 0
+        params[tag] = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
+        assert len(prepasses) == (0 if tag == "fused" else 1)
+    (fused,), (pre,) = seen["fused"], seen["prepass"]
+    assert fused.keys() >= pre.keys() >= {"old_logp", "minp_proxy_logp"}  # (fused also has logged entropy)
+    for k in pre:
+        torch.testing.assert_close(fused[k], pre[k], atol=1e-5, rtol=1e-5)
+    for k, v in params["fused"].items():
+        torch.testing.assert_close(v, params["prepass"][k], atol=3e-5, rtol=1e-3)
