@@ -78,26 +78,33 @@ class DSDRConfig(GRPOConfig):
 
 
 def diversity_scores(texts: list[str], correct: torch.Tensor, group_size: int, encoder=None,
-                     among: str = "all", formula_max_chars: int | None = None) -> dict[str, torch.Tensor]:
+                     among: str = "all", formula_max_chars: int | None = None,
+                     groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """d(o_i) = ½ (D_emb(o_i) + D_eq(o_i)) (Eq. 9) for every rollout, groups of `group_size` in order.
 
-    Returns {"d", "d_emb", "d_eq"}, float32 [S]. All S texts are embedded in one call (unique texts
+    Returns {"d", "d_emb", "d_eq"}, float32 [S]. The texts are embedded in one call (unique texts
     once, no grad, spec D7); groups are then scored separately, so a group is only ever compared
     with itself. With among="correct" each rollout is compared with the correct rollouts of its group
     other than itself, and a group with at most one correct rollout scores 0 (spec D1).
+    `groups` (bool [S/G]) restricts the work to those groups; the others get d = 0 and are not embedded.
     """
     S = len(texts)
     if S % group_size:
         raise ValueError(f"{S} texts do not form whole groups of {group_size}")
-    encoder = encoder if encoder is not None else get_encoder()
-    z = encoder.encode(texts)  # [S, 384], unit rows
-    formulas = [extract_formulas(t, formula_max_chars) for t in texts]
+    n_groups = S // group_size
+    groups = torch.ones(n_groups, dtype=torch.bool) if groups is None else groups.bool()
     d_emb, d_eq = torch.zeros(S), torch.zeros(S)
-    for start in range(0, S, group_size):
-        rows = slice(start, start + group_size)
+    scored = [g for g in range(n_groups) if groups[g]]
+    if not scored:
+        return {"d": d_emb.clone(), "d_emb": d_emb, "d_eq": d_eq}
+    encoder = encoder if encoder is not None else get_encoder()
+    rows_of = {g: list(range(g * group_size, (g + 1) * group_size)) for g in scored}
+    z = encoder.encode([texts[i] for g in scored for i in rows_of[g]])  # [n, 384], unit rows
+    for k, g in enumerate(scored):
+        rows = rows_of[g]
         peers = correct[rows].bool() if among == "correct" else None
-        d_emb[rows] = embedding_diversity(z[rows], peers).float()  # Eq. 6
-        d_eq[rows] = formula_uniqueness(formulas[rows], peers)  # Eqs. 7–8
+        d_emb[rows] = embedding_diversity(z[k * group_size:(k + 1) * group_size], peers).float()  # Eq. 6
+        d_eq[rows] = formula_uniqueness([extract_formulas(texts[i], formula_max_chars) for i in rows], peers)
     return {"d": 0.5 * (d_emb + d_eq), "d_emb": d_emb, "d_eq": d_eq}  # Eq. 9
 
 
@@ -202,16 +209,20 @@ class DSDR(Method):
         correct, G = batch["correct"], batch["group_size"]
         metrics = batch.setdefault("method_metrics", {})
         if self.needs_scores:
+            # d only matters in groups with a correct rollout: elsewhere there is no bonus (Eq. 10) and
+            # w ≡ 0 (Eq. 11). All-wrong groups are common early in training; skipping them saves encoding.
+            has_correct = correct.reshape(-1, G).bool().any(dim=1)
             scores = diversity_scores(batch["texts"], correct, G, get_encoder(self.cfg.encoder_max_seq_length),
-                                      self.cfg.diversity_among, self.cfg.formula_max_chars)
+                                      self.cfg.diversity_among, self.cfg.formula_max_chars, groups=has_correct)
             d_bar = scores["d"].clamp(0.0, self.cfg.sigma_d)  # Eq. 10's clip
             if self.cfg.lambda_d > 0:
                 rewards = shaped_rewards(rewards, correct, scores["d"], self.cfg.lambda_d, self.cfg.sigma_d)
-            # logged separately: MiniLM reads only a prefix of long responses, the formula part all of it
-            n_correct = float(correct.sum())
+            # logged separately (MiniLM reads only a prefix of long responses, the formula part all of
+            # it), as means over the rollouts of scored groups, and over their correct rollouts
+            scored = has_correct.repeat_interleave(G).float()
             for name in ("d", "d_emb", "d_eq"):
-                metrics[f"dsdr/{name}"] = (float(scores[name].sum()), float(len(correct)))
-                metrics[f"dsdr/{name}_correct"] = (float((scores[name] * correct).sum()), n_correct)
+                metrics[f"dsdr/{name}"] = (float((scores[name] * scored).sum()), float(scored.sum()))
+                metrics[f"dsdr/{name}_correct"] = (float((scores[name] * correct).sum()), float(correct.sum()))
         else:
             d_bar = torch.zeros_like(rewards)  # w/o GD: τ·0 → uniform weights 1/|P| (spec D8)
         if self.local_on:

@@ -864,8 +864,10 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
     drifts from GRPO's after the first step that drops a group.
     """
     import train
+    import transformers
     from tqdm.auto import tqdm
 
+    transformers.utils.logging.disable_progress_bar()  # one bar: the study's (not one per checkpoint save)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = [(m, s) for s in seeds for m in methods]

@@ -214,3 +214,20 @@ def test_dsdr_trains_on_the_toy_and_logs_its_terms(toy_model_dir, tmp_path):
         assert key in rows[0], key
     assert 0 <= rows[0]["dsdr/d"] <= 1 and rows[0]["dsdr/local_loss"] <= 0
     assert json.loads((out / "config.json").read_text())["method"]["lambda_d"] == 0.001
+
+
+def test_all_wrong_groups_are_not_embedded_and_scores_of_others_are_unchanged():
+    calls = []
+
+    class Counting(_FakeEncoder):
+        def encode(self, texts):
+            calls.append(list(texts))
+            return super().encode(texts)
+
+    enc = Counting({"a=1": [1, 0], "b=2": [0, 1], "c=3": [1, 1]})
+    texts = ["a=1", "b=2", "c=3", "a=1"]
+    correct = torch.tensor([1, 0, 0, 0])
+    full = dsdr.diversity_scores(texts, correct, 2, enc)
+    part = dsdr.diversity_scores(texts, correct, 2, enc, groups=torch.tensor([True, False]))
+    assert calls[-1] == ["a=1", "b=2"]  # only the group with a correct rollout was embedded
+    assert torch.equal(part["d"][:2], full["d"][:2]) and (part["d"][2:] == 0).all()
