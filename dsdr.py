@@ -55,8 +55,9 @@ class DSDRConfig(GRPOConfig):
     tau: float = 5.0  # τ, coupling temperature of the softmax over correct rollouts (Table 2)
     local_detach_ratio: bool = False  # ablation only: ρ detached gives weighted unlikelihood (spec D5)
     # --- ablations of Table 1 (spec D8) ---
-    no_global_diversity: bool = False  # "w/o GD": no bonus and uniform coupling weights 1/|P|
-    no_coupling: bool = False  # "w/o GC": the local term is off (λ_ℓ = 0), as §4.4 describes
+    # (switches named positively: the ablations are the CLI flags --no-global-diversity / --no-coupling)
+    global_diversity: bool = True  # False = "w/o GD": no bonus and uniform coupling weights 1/|P|
+    coupling: bool = True  # False = "w/o GC": the local term is off (λ_ℓ = 0), as §4.4 describes
 
     def __post_init__(self):
         if self.diversity_among not in ("all", "correct"):
@@ -188,12 +189,12 @@ class DSDR(Method):
 
     @property
     def local_on(self) -> bool:
-        return not self.cfg.no_coupling and self.cfg.lambda_l > 0
+        return self.cfg.coupling and self.cfg.lambda_l > 0
 
     @property
     def needs_scores(self) -> bool:
         """d is needed for the bonus, or for diversity-weighted coupling; not at all under w/o GD."""
-        if self.cfg.no_global_diversity:
+        if not self.cfg.global_diversity:
             return False
         return self.cfg.lambda_d > 0 or self.local_on
 

@@ -16,6 +16,7 @@ The diversity metrics are DSDR's D_emb and D_eq (dsdr.py imports them from here)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import bisect
 import functools
 import json
@@ -851,6 +852,18 @@ def parse_variant(spec: str) -> tuple[str, list[tuple[str, str | None]]]:
     return name, [(f.split("=", 1)[0], f.split("=", 1)[1] if "=" in f else None) for f in flags if f]
 
 
+def variant_args(flags: list[tuple[str, str | None]]) -> list[str]:
+    """train.py arguments of a study entry's flags: no_x → --no-x, x → --x, x=v → --x v."""
+    args = []
+    for key, value in flags:
+        key = key.replace("_", "-")
+        if value is None or value.lower() in ("true", "false"):  # a switch: --flag / --no-flag
+            args.append(f"--{key}" if value is None or value.lower() == "true" else f"--no-{key}")
+        else:
+            args += [f"--{key}", value]
+    return args
+
+
 def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_every: int, train_args: list[str],
           progress: bool = True) -> str:
     """Train every method × seed on the toy default with the same budget (steps, prompts per step, group
@@ -871,14 +884,14 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = [(m, s) for s in seeds for m in methods]
+    method_configs = {}
     for m in methods:  # unknown / unimplemented methods and bad variants fail here, before any training
         name, flags = parse_variant(m)
         try:
-            train.build_method(name, {k.replace("-", "_"): True if v is None else
-                                      {"true": True, "false": False}.get(v.lower(), train._parse_value(v))
-                                      for k, v in flags})
-        except train.ConfigError as e:
-            raise SystemExit(f"error: {m}: {e}")
+            method = train.build_method(name, train.parse_args(["--method", name, *variant_args(flags)])[1])
+        except (train.ConfigError, SystemExit) as e:
+            raise SystemExit(f"error: study entry {m!r}: {e}")
+        method_configs[m] = dataclasses.asdict(method.cfg)
     run_dirs = [out / f"{m.replace(':', '-').replace('=', '')}-s{s}" for m, s in plan]
     def done(run_dir: Path) -> bool:  # finished: evaluated at the end of a run of exactly `steps` steps
         rows = read_metrics(run_dir)
@@ -886,18 +899,19 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
 
     total = len(plan) * steps
     bar = tqdm(total=total, desc="study", unit="step", disable=not progress, dynamic_ncols=True)
+    for (method, seed), run_dir in zip(plan, run_dirs):  # a folder from other settings is never reused
+        saved = json.loads((run_dir / "config.json").read_text())["method"] if (run_dir / "config.json").exists() else None
+        if saved is not None and saved != method_configs[method]:
+            diff = sorted(k for k in saved.keys() | method_configs[method].keys()
+                          if saved.get(k) != method_configs[method].get(k))
+            raise SystemExit(f"error: {run_dir} was trained with other {method} settings ({', '.join(diff[:4])}); "
+                             f"remove it or use another --out")
     for (method, seed), run_dir in zip(plan, run_dirs):
         if done(run_dir):
             bar.update(steps)
             continue
         name, flags = parse_variant(method)
-        variant = []
-        for key, value in flags:
-            key = key.replace("_", "-")
-            if value is None or value.lower() in ("true", "false"):  # a switch: --flag / --no-flag
-                variant.append(f"--{key}" if value is None or value.lower() == "true" else f"--no-{key}")
-            else:
-                variant += [f"--{key}", value]
+        variant = variant_args(flags)
         argv = ["--method", name, *variant, "--seed", str(seed), "--steps", str(steps), "--out", str(run_dir),
                 "--eval-every", str(eval_every), "--save-every", str(eval_every), "--no-progress", *train_args]
         resume = train.latest_checkpoint(run_dir) is not None if run_dir.exists() else False

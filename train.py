@@ -1019,6 +1019,9 @@ def _add_dataclass_args(parser, cls_or_obj, prefix: str | None = None, dest_pref
             names.append(f"--{prefix}.{f.name.replace('_', '-')}")
         kwargs = {"dest": dest_prefix + f.name, "default": argparse.SUPPRESS if dest_prefix else default}
         if isinstance(default, bool) or f.type in ("bool", bool):
+            # argparse reads any "--no-..." as the negation of a boolean flag: a field named no_x could
+            # never be set to True from the command line. Name switches positively (x = True).
+            assert not f.name.startswith("no_"), f"boolean field {f.name!r}: name it positively"
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _parse_value

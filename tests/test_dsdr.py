@@ -186,14 +186,14 @@ def test_ablations_switch_off_what_the_paper_says(monkeypatch):
     batch = _batch(["5*3=15"] * 8, [1, 1, 0, 0, 1, 0, 0, 0], 4)
     # w/o GD: no bonus, no encoder, uniform weights over the correct rollouts
     monkeypatch.setattr(dsdr, "get_encoder", lambda *a, **k: pytest.fail("encoder loaded under w/o GD"))
-    m = dsdr.DSDR(dsdr.DSDRConfig(no_global_diversity=True))
+    m = dsdr.DSDR(dsdr.DSDRConfig(global_diversity=False))
     b = dict(batch)
     assert torch.equal(m.shape_rewards(b), batch["correct"])
     assert b["per_seq"]["coupling_weights"].tolist() == [0.5, 0.5, 0, 0, 1.0, 0, 0, 0]
     # w/o GC: no local term, hence no weights attached
     monkeypatch.setattr(dsdr, "get_encoder", lambda *a, **k: _FakeEncoder({"5*3=15": [1.0, 0.0]}))
     b = dict(batch)
-    dsdr.DSDR(dsdr.DSDRConfig(no_coupling=True)).shape_rewards(b)
+    dsdr.DSDR(dsdr.DSDRConfig(coupling=False)).shape_rewards(b)
     assert "per_seq" not in b and "dsdr/d" in b["method_metrics"]
 
 
@@ -231,3 +231,8 @@ def test_all_wrong_groups_are_not_embedded_and_scores_of_others_are_unchanged():
     part = dsdr.diversity_scores(texts, correct, 2, enc, groups=torch.tensor([True, False]))
     assert calls[-1] == ["a=1", "b=2"]  # only the group with a correct rollout was embedded
     assert torch.equal(part["d"][:2], full["d"][:2]) and (part["d"][2:] == 0).all()
+
+
+def test_ablation_flags_on_the_command_line():
+    _, overrides = train.parse_args(["--method", "dsdr", "--no-global-diversity", "--no-coupling"])
+    assert overrides == {"global_diversity": False, "coupling": False}
