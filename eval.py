@@ -817,9 +817,10 @@ def compare_runs(run_dirs: list, out: Path) -> str:
         ax.set_title(title.format(kmax=kmax) + (f" (avg of {SMOOTH} steps)" if smooth else ""), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle("mean ± std over seeds")
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9, frameon=False)
+    fig.suptitle("mean ± std over seeds (shaded)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # room for the legend below the panels
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fig.savefig(out / "compare.png", dpi=110)
