@@ -142,9 +142,13 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
+    # prompt order: "none" = seeded shuffle (PromptSampler); "semantic-entropy" = SENT's SE curriculum
+    # (curriculum.py) for any method. --method sent turns it on itself (its --no-se-curriculum turns it off).
+    curriculum: str = "none"
 
 
 TOY_LR = 3e-4
+CURRICULA = ("none", "semantic-entropy")
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -161,6 +165,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             cfg.max_new_tokens = 1024
     if cfg.out is None:
         cfg.out = f"runs/{cfg.method}-s{cfg.seed}"
+    if cfg.curriculum is None:  # the CLI's value parser reads "none" as None
+        cfg.curriculum = "none"
     return cfg
 
 
@@ -185,6 +191,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.curriculum not in CURRICULA:
+        raise ConfigError(f"--curriculum must be one of {', '.join(CURRICULA)}, got {cfg.curriculum!r}")
     suffix = Path(cfg.dataset).suffix
     if suffix in (".jsonl", ".json", ".parquet") and not Path(cfg.dataset).exists():
         raise ConfigError(f"dataset file {cfg.dataset} does not exist")
@@ -694,6 +702,10 @@ class Trainer:
         self.rollout = HFRollout(self.model, self.tokenizer, cfg, self.device)
         self.method.on_train_start(self)
         custom = self.method.prompt_sampler(self) if "prompt_sampler" in self.needs else None
+        if custom is None and cfg.curriculum == "semantic-entropy":  # the SE curriculum under any method
+            import curriculum  # (SE of every prompt with the initial policy: cached in the run folder)
+
+            custom = curriculum.build_curriculum_sampler(self, self.method.cfg)
         if custom is not None:
             self.sampler = custom
         if resume_state:
@@ -867,6 +879,8 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         cfg, method = self.cfg, self.method
         t_start = time.perf_counter()
+        if hasattr(self.sampler, "set_step"):  # step-scheduled prompt order (SE curriculum stages)
+            self.sampler.set_step(step)
         batch, info = self.rollout_batch()
         t0 = time.perf_counter()
         rewards = method.shape_rewards(batch)
