@@ -520,17 +520,26 @@ def group_diversity(z: torch.Tensor, formula_sets: list[set[str]], only: list[bo
 
 @torch.no_grad()
 def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int,
-                   temperature: float, token_budget: int = 16384) -> tuple[list[float], list[int]]:
+                   temperature: float, token_budget: int = 16384, dist=None) -> tuple[list[float], list[int]]:
     """Per sample: the sum over its tokens of the policy's entropy H(π(·|context)/T) and its token count,
     from one no-grad forward of (prompt, response) in micro-batches (vocabulary in chunks, train.py)."""
     import train
 
-    batch = train.collate(prompt_ids, responses, pad_id, eos_id)
     device = next(model.parameters()).device
     sums = torch.zeros(len(responses), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for mb in train.split_micro_batches(batch, list(range(len(responses))), token_budget):
+    micro_batches = []
+    if responses:
+        batch = train.collate(prompt_ids, responses, pad_id, eos_id)
+        micro_batches = train.split_micro_batches(batch, list(range(len(responses))), token_budget)
+    if dist is not None:  # FSDP2: as many forwards as the other ranks
+        for _ in range(train.pad_forwards(dist, len(micro_batches))):
+            train.token_fields(model, train.dummy_batch(pad_id, device), temperature, set(), with_grad=False)
+    if not responses:
+        model.train(was_training)
+        return [], []
+    for mb in micro_batches:
         mb = train.to_device(mb, device)
         with train.autocast(device):
             entropy = train.token_fields(model, mb, temperature, {"entropy"}, with_grad=False)["entropy"]
@@ -555,8 +564,9 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
     torch.manual_seed(seed + rank)
     mine = examples[rank::world]
     prompt_ids = [tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"] for ex in mine]
+    sharded = dist is not None and getattr(dist, "fsdp", False)  # FSDP2: every rank must take part
     responses = rollout.generate(prompt_ids, n, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens) if mine else []
+                                 max_new_tokens=max_new_tokens) if mine or sharded else []
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
     results = verifier.verify_batch(texts, [ex for ex in mine for _ in range(n)])
     per_problem = [problem_metrics(results[i * n:(i + 1) * n], ex, texts[i * n:(i + 1) * n])
@@ -570,9 +580,9 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
             p["semantic_diversity"], p["formula_diversity"] = group_diversity(z[rows], formula_sets[rows])
             p["semantic_diversity_correct"], p["formula_diversity_correct"] = \
                 group_diversity(z[rows], formula_sets[rows], correct)
-    if entropy_model is not None and responses:
+    if entropy_model is not None and (responses or sharded):
         sums, counts = sample_entropy(entropy_model, [p for p in prompt_ids for _ in range(n)], responses,
-                                      tokenizer.pad_token_id, tokenizer.eos_token_id, temperature)
+                                      tokenizer.pad_token_id, tokenizer.eos_token_id, temperature, dist=dist)
         for i, p in enumerate(per_problem):
             p["entropy_sum"], p["entropy_tokens"] = sum(sums[i * n:(i + 1) * n]), sum(counts[i * n:(i + 1) * n])
     if dist is not None and dist.enabled:

@@ -28,15 +28,18 @@ def _run(nproc: int, args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["grpo", "dapo", "dr_grpo"])
-def test_two_ranks_match_one(method, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method, sharding", [("grpo", "--fsdp"), ("grpo", "--no-fsdp"), ("dapo", "--fsdp"),
+                                              ("dr_grpo", "--fsdp"), ("dsdr", "--fsdp")])
+def test_two_ranks_match_one(method, sharding, tiny_model_dir, tmp_path):
+    """FSDP2 (default with several ranks) and plain data parallelism give the single-process update;
+    dsdr adds a reward bonus computed per group and a token-level term with its own normaliser."""
     common = ["--method", method, "--model", tiny_model_dir, "--steps", "2", "--prompts-per-step", "6",
               "--group-size", "4", "--lr", "1e-3", "--seed", "3", "--no-final-eval", "--no-progress",
-              "--no-tensorboard"]
+              "--no-tensorboard", "--micro-batch-tokens", "150"]  # several micro-batches, uneven per rank
     runs = {}
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
-        _run(nproc, common + ["--out", str(out)])
+        _run(nproc, common + ["--out", str(out)] + ([sharding] if nproc == 2 else []))
         runs[nproc] = (load_file(str(out / "checkpoints" / "step_000002" / "model.safetensors")),
                        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
     (p1, m1), (p2, m2) = runs[1], runs[2]
@@ -55,3 +58,33 @@ def test_two_ranks_match_one(method, tiny_model_dir, tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
     if method == "dapo":  # the all-wrong groups were dropped the same way on both
         assert [r["groups_kept"] for r in m1] == [r["groups_kept"] for r in m2]
+
+
+def test_two_rank_resume_is_exact(tiny_model_dir, tmp_path):
+    """2 steps + --resume + 2 steps equals 4 steps, both with 2 FSDP2 ranks (full optimiser state saved
+    by name on rank 0, re-sharded on load)."""
+    common = ["--method", "dsdr", "--model", tiny_model_dir, "--prompts-per-step", "4", "--group-size", "4",
+              "--seed", "1", "--save-every", "2", "--no-final-eval", "--no-progress", "--no-tensorboard"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(2, common + ["--steps", "4", "--out", str(straight)])
+    _run(2, common + ["--steps", "2", "--out", str(resumed)])
+    _run(2, common + ["--steps", "4", "--out", str(resumed), "--resume"])
+    a = load_file(str(straight / "checkpoints" / "step_000004" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_000004" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_two_ranks_sample_with_hf_generate_and_evaluate(tiny_model_dir, tmp_path):
+    """The real sampling path under FSDP2: ranks generate different lengths and numbers of chunks
+    (synced_gpus + dummy chunks), and the held-out evaluation splits 5 prompts over 2 ranks."""
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--model", tiny_model_dir, "--steps", "1", "--prompts-per-step", "6", "--group-size", "2",
+           "--gen-batch-prompts", "2", "--eval-prompts", "5", "--eval-samples", "2", "--out", str(out),
+           "--no-progress", "--no-tensorboard"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_problems"] == 5 and summary["n_samples"] == 2
