@@ -908,8 +908,10 @@ class Trainer:
         if method.needs_batch_fields and not fused:
             method.prepare_update(batch, rows, dist)
         micro_batches = split_micro_batches(batch, rows, cfg.micro_batch_tokens) if rows else []
-        if fused and not micro_batches:  # nothing here, but keep prepare_update's collectives matched
-            batch["fields"] = {}
+        # FSDP2: every forward is a collective, so agree on the count before the first one
+        n_padding = pad_forwards(dist, len(micro_batches))
+        if fused and not micro_batches and not dist.fsdp:  # nothing here, but keep prepare_update's
+            batch["fields"] = {}  # collectives matched (under FSDP2: after the padding forward, below)
             method.prepare_update(batch, rows, dist)
         want = {n for n in ("entropy", "minp_proxy_logp", "prompt_logp") if n in self.needs}
         if cfg.log_entropy:
@@ -949,10 +951,13 @@ class Trainer:
             stats["loss"] = stats.get("loss", 0.0) + float(loss.detach()) / dist.world
             if "entropy" in fields:
                 entropy_sum += float((fields["entropy"] * mb["mask"]).sum())
-        for _ in range(pad_forwards(dist, len(micro_batches))):  # FSDP2: match the other ranks' forwards
+        for k in range(n_padding):  # FSDP2: match the other ranks' forwards
             mb = dummy_batch(self.tokenizer.pad_token_id, self.device)
             with autocast(self.device):
                 logp = token_fields(self.model, mb, cfg.temperature, set(), with_grad=True)["logp"]
+            if fused and not micro_batches and k == 0:  # the others call prepare_update after a forward
+                batch["fields"] = {}
+                method.prepare_update(batch, rows, dist)
             (0.0 * logp.sum()).backward()
         if not micro_batches:  # keep collective calls matched across ranks
             stats["loss"] = 0.0
