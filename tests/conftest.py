@@ -33,3 +33,33 @@ def toy_model_dir():
     import toy
 
     return toy.ensure_toy_model()
+
+
+def one_step_per_micro_batch_budget(method_cls, argv: list[str], tmp_path, monkeypatch,
+                                    budgets=(10**6, 200)) -> tuple[dict, dict]:
+    """Run one training step per micro-batch token budget (default: one forward vs several micro-batches)
+    with `train.main(argv + ...)`; return ({budget: parameters}, {budget: logged metrics row}).
+
+    Asserts that every one of the 16 sequences reaches `method_cls.loss` once, and that the first budget
+    is a single forward while the second splits the batch."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import train
+
+    params, logged, calls = {}, {}, []
+    original = method_cls.loss
+    monkeypatch.setattr(method_cls, "loss",
+                        lambda self, mb, norm: calls.append(len(mb["rows"])) or original(self, mb, norm))
+    for budget in budgets:
+        calls.clear()
+        out = tmp_path / f"budget-{budget}"
+        assert train.main([*argv, "--steps", "1", "--prompts-per-step", "4", "--group-size", "4", "--seed", "3",
+                           "--micro-batch-tokens", str(budget), "--out", str(out), "--no-final-eval",
+                           "--no-progress", "--no-tensorboard"]) == 0
+        params[budget] = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
+        logged[budget] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert sum(calls) == 16 and (len(calls) == 1 if budget == budgets[0] else len(calls) > 1)
+    monkeypatch.setattr(method_cls, "loss", original)
+    return params, logged

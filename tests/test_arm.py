@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import arm
 import train
+from conftest import one_step_per_micro_batch_budget
 from grpo import Method, Normaliser, config_from_preset, group_advantages
 
 QUICK = ["--no-final-eval", "--no-progress", "--no-tensorboard"]
@@ -327,19 +328,7 @@ def test_arm_trains_on_the_toy_and_logs_its_metrics(toy_model_dir, tmp_path):
 
 def test_micro_batching_does_not_change_the_arm_update(toy_model_dir, tmp_path, monkeypatch):
     """c_o and c_q are per-sequence, so each micro-batch computes its rows' Ã itself: the same update."""
-    params, logged, calls = {}, {}, []
-    original = arm.ARM.loss
-    monkeypatch.setattr(arm.ARM, "loss",
-                        lambda self, mb, norm: calls.append(len(mb["rows"])) or original(self, mb, norm))
-    for budget in (10**6, 200):
-        calls.clear()
-        out = tmp_path / f"arm-{budget}"
-        assert train.main(["--method", "arm", "--steps", "1", "--prompts-per-step", "4", "--group-size", "4",
-                           "--micro-batch-tokens", str(budget), "--seed", "3", "--out", str(out), *QUICK]) == 0
-        params[budget] = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
-        logged[budget] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-        assert sum(calls) == 16  # every sequence once
-        assert len(calls) == 1 if budget == 10**6 else len(calls) > 1  # one forward vs several micro-batches
+    params, logged = one_step_per_micro_batch_budget(arm.ARM, ["--method", "arm"], tmp_path, monkeypatch)
     for key in ("arm/c_o", "arm/c_q", "arm/shift"):
         assert logged[10**6][key] == pytest.approx(logged[200][key], rel=1e-4, abs=1e-6)
     for k, v in params[10**6].items():

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import lpreg
 import train
+from conftest import one_step_per_micro_batch_budget
 from grpo import Normaliser, policy_loss
 
 QUICK = ["--no-final-eval", "--no-progress", "--no-tensorboard"]
@@ -444,19 +445,9 @@ def test_lpreg_trains_on_the_toy_and_logs_its_metrics(toy_model_dir, tmp_path, m
 def test_selection_is_global_over_micro_batches(toy_model_dir, tmp_path, monkeypatch):
     """One forward (fused selection) and many micro-batches (prepass) select the same tokens and give the
     same update; the micro-batch scope switch selects per micro-batch instead."""
-    params, logged, calls = {}, {}, []
+    params, logged = one_step_per_micro_batch_budget(lpreg.LpReg, ["--method", "lpreg", "--rho", "0.1"], tmp_path,
+                                                     monkeypatch)
     original = lpreg.LpReg.loss
-    monkeypatch.setattr(lpreg.LpReg, "loss",
-                        lambda self, mb, norm: calls.append(len(mb["rows"])) or original(self, mb, norm))
-    for budget in (10**6, 200):
-        calls.clear()
-        out = tmp_path / f"lp-{budget}"
-        assert train.main(["--method", "lpreg", "--steps", "1", "--prompts-per-step", "4", "--group-size", "4",
-                           "--rho", "0.1", "--micro-batch-tokens", str(budget), "--seed", "3", "--out", str(out),
-                           *QUICK]) == 0
-        params[budget] = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
-        logged[budget] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-        assert sum(calls) == 16 and (len(calls) == 1 if budget == 10**6 else len(calls) > 1)
     assert logged[10**6]["lp_n_selected"] == logged[200]["lp_n_selected"] > 0
     assert logged[10**6]["lp_k3"] == pytest.approx(logged[200]["lp_k3"], rel=1e-4, abs=1e-9)
     for k, v in params[10**6].items():
