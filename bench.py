@@ -2,11 +2,18 @@
 
     python bench.py                          # every implemented method, 8 steps each (first 2 = warm-up)
     python bench.py --methods grpo,dapo --steps 12 --json bench.json
+    python bench.py --real-size qwen2.5-1.5b --steps 3 --warmup 1 -- --max-new-tokens 1024   # on a GPU
 
 Each method runs in its own process (so peak RSS is that method's alone) with the same seed, prompts,
 and settings; we report the median over the measured steps of the step time split into
 generate / score (verify + reward shaping + advantages) / update (forwards, backward, optimiser),
 the ratio to GRPO's step time, and the process's peak resident memory.
+
+`--real-size NAME` replaces the toy model by a randomly initialised model with a real model's
+architecture (no download: the sizes are written below, the tokenizer is the toy one, whose ids are a
+subset of the vocabulary). A random model almost never samples EOS, so every response runs to
+--max-new-tokens: a worst case for rollout throughput and memory. It is run with and without
+--gradient-checkpointing and reports rollout tokens/s and the peak GPU memory of each step.
 """
 
 from __future__ import annotations
@@ -21,6 +28,41 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+
+
+# Architectures of real models (their config.json), for random-weight measurements on a GPU machine that
+# cannot download them.
+REAL_SIZES = {
+    "qwen2.5-1.5b": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen3-1.7b": ("Qwen3Config", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                       vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6,
+                                       tie_word_embeddings=True)),
+}
+
+
+def build_real_size(name: str, out: Path) -> str:
+    """A random model with `name`'s architecture and the toy tokenizer, saved like a hub model."""
+    import torch
+    import transformers
+
+    import toy
+
+    if (out / "config.json").exists():
+        return str(out)
+    cls_name, sizes = REAL_SIZES[name]
+    tok = toy.build_tokenizer()
+    config = getattr(transformers, cls_name)(**sizes, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                             bos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"built a random {name} ({n / 1e9:.2f} B parameters) in {out}", flush=True)
+    return str(out)
 
 
 def run_one(method: str, steps: int, extra: list[str]) -> dict:
@@ -42,8 +84,8 @@ def run_one(method: str, steps: int, extra: list[str]) -> dict:
 
 def summarise(result: dict, warmup: int) -> dict:
     rows = result["rows"][warmup:]
-    med = {k: statistics.median(r[k] for r in rows) for k in ("time_generate", "time_score", "time_update",
-                                                                 "time_step")}
+    keys = ("time_generate", "time_score", "time_update", "time_step", "rollout_tokens_per_s", "peak_gpu_gb")
+    med = {k: statistics.median(r[k] for r in rows) for k in keys if all(k in r for r in rows)}
     return {**med, "peak_rss_mb": result["peak_rss_mb"], "steps_measured": len(rows)}
 
 
@@ -55,11 +97,30 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--real-size", default=None, choices=sorted(REAL_SIZES),
+                        help="a random model of this architecture instead of the toy (GPU measurements)")
+    parser.add_argument("--model-dir", default="/tmp/bench_models", help="where --real-size models are built")
     parser.add_argument("extra", nargs="*", help="extra train.py arguments, after --")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
     methods = args.methods.split(",") if args.methods else [m for m in train.METHODS if _implemented(m)]
+    if args.real_size:
+        path = build_real_size(args.real_size, Path(args.model_dir) / args.real_size)
+        methods = [m for m in (args.methods or "grpo").split(",")]
+        runs = [(f"{m}", ["--model", path, *args.extra]) for m in methods] + \
+               [(f"{m}+gc", ["--model", path, "--gradient-checkpointing", *args.extra]) for m in methods]
+        print(f"{args.real_size} (random weights), {args.steps} steps ({args.warmup} warm-up); median per step")
+        print(f"{'run':12} {'generate s':>10} {'tokens/s':>10} {'update s':>9} {'step s':>8} {'peak GPU':>9}")
+        for label, extra in runs:
+            result = run_one(label.split("+")[0], args.steps, extra)
+            if "error" in result:
+                print(f"{label:12} failed: {result['error']}", flush=True)
+                continue
+            s = summarise(result, args.warmup)
+            print(f"{label:12} {s['time_generate']:10.2f} {s.get('rollout_tokens_per_s', 0):10.0f} "
+                  f"{s['time_update']:9.2f} {s['time_step']:8.2f} {s.get('peak_gpu_gb', 0):7.1f}GB", flush=True)
+        return 0
     print(f"toy default, {args.steps} steps per method ({args.warmup} warm-up), {os.cpu_count()} CPU cores, "
           f"torch threads = default; median seconds per step")
     header = f"{'method':10} {'generate':>9} {'score':>8} {'update':>8} {'step':>8} {'vs grpo':>8} {'peak RSS':>10}"

@@ -381,7 +381,8 @@ def compute_semantic_entropy(ctx, ccfg: CurriculumConfig) -> np.ndarray:
         # (it is π_0 unless stage_restart replaced it) or load π_0 again.
         model = ctx.model
         if ctx.start_step > 0:
-            model = ctx.ref_model if ctx.ref_model is not None else train.load_policy(cfg.model, ctx.device)[0]
+            usable = ctx.ref_model is not None and not cfg.ref_offload  # (offloaded: it lives on the CPU)
+            model = ctx.ref_model if usable else train.load_policy(cfg.model, ctx.device)[0]
         saved_rng = train.rng_state()
         chunk = cfg.gen_batch_prompts
         starts = sorted({(i // chunk) * chunk for i in todo})

@@ -550,7 +550,7 @@ def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]
 
 def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperature: float, top_p: float,
                     max_new_tokens: int, seed: int = 0, dist=None, diversity: bool = True,
-                    entropy_model=None) -> dict:
+                    entropy_model=None, top_k: int = 0) -> dict:
     """n samples per prompt from `rollout` (train.HFRollout or the vLLM engine), verified and scored.
 
     Reports, averaged over prompts: pass@k for k = 1, 2, 4, ..., n, avg@n, maj@n, distinct correct, and
@@ -565,8 +565,9 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
     mine = examples[rank::world]
     prompt_ids = [tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"] for ex in mine]
     sharded = dist is not None and getattr(dist, "fsdp", False)  # FSDP2: every rank must take part
+    extra = {"top_k": top_k} if top_k else {}  # (rollouts without top-k support still work without it)
     responses = rollout.generate(prompt_ids, n, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens) if mine or sharded else []
+                                 max_new_tokens=max_new_tokens, **extra) if mine or sharded else []
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
     results = verifier.verify_batch(texts, [ex for ex in mine for _ in range(n)])
     per_problem = [problem_metrics(results[i * n:(i + 1) * n], ex, texts[i * n:(i + 1) * n])
@@ -589,7 +590,7 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
         per_problem = [p for part in dist.gather_objects(per_problem) for p in part]
     out = aggregate_metrics(per_problem)
     out["sampling"] = {"temperature": temperature, "top_p": top_p, "n": n, "max_new_tokens": max_new_tokens,
-                       "seed": seed}
+                       "seed": seed, **extra}
     return out
 
 
@@ -977,6 +978,23 @@ def study_main(argv) -> int:
 # ====================================================================================================
 
 
+# The papers' evaluation settings (specs/*.md, "evaluation" rows). `--protocol NAME` sets them; a flag given
+# explicitly wins. Everything else (benchmarks, max length for the model) is chosen on the command line.
+EVAL_DEFAULTS = {"n": 32, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": None}
+PROTOCOLS = {
+    # DSDR Table 1 / §4.1: Avg@16 at T = 0.7, top-p 0.9; Pass@1 from one sample at T = 0.1; Fig. 3 pass@k
+    # for k = 2..64 from 64 samples (the paper states T only for Avg@16; we reuse T = 0.7, top-p 0.9)
+    "dsdr-avg16": {"n": 16, "temperature": 0.7, "top_p": 0.9},
+    "dsdr-pass1": {"n": 1, "temperature": 0.1, "top_p": 0.9},
+    "dsdr-passk": {"n": 64, "temperature": 0.7, "top_p": 0.9},
+    # Lp-Reg §5.1.3: AIME24/25 as the mean of 16 samples at T = 0.6; MATH-500, OlympiadBench, Minerva greedy
+    "lpreg-aime": {"n": 16, "temperature": 0.6, "top_p": 1.0},
+    "lpreg-greedy": {"n": 1, "temperature": 0.0, "top_p": 1.0},
+    # SENT's evaluation configs: T = 1.0, top-p 0.9, top-k 50, up to 8,000 tokens; Avg@k / Pass@k, k ≤ 32
+    "sent": {"n": 32, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "max_new_tokens": 8000},
+}
+
+
 def resolve_model(model: str) -> str:
     """A run folder → its latest checkpoint; anything else is passed to from_pretrained (or "toy")."""
     path = Path(model)
@@ -1000,37 +1018,66 @@ def main(argv=None) -> int:
         return study_main(argv[1:])
     parser = argparse.ArgumentParser(description="pass@k / avg@n / maj@k / distinct correct of a policy")
     parser.add_argument("--model", required=True, help="run folder, 'toy', hub name or local model folder")
-    parser.add_argument("--dataset", default="countdown")
+    parser.add_argument("--dataset", default="countdown",
+                        help="countdown, a hub dataset (known aliases: " + ", ".join(
+                            a for aliases, *_ in train.KNOWN_DATASETS.values() for a in aliases[:1]) +
+                        ") or a local .jsonl/.parquet file")
+    parser.add_argument("--dataset-config", default=None, help="a hub dataset's config name")
     parser.add_argument("--split", default="heldout")
-    parser.add_argument("--n", type=int, default=32, help="samples per problem")
+    parser.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
+                        help="a paper's sampling settings (explicit flags below override them)")
+    parser.add_argument("--n", type=int, default=None, help="samples per problem (default 32)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=None, help="default 1.0; 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=None, help="default 1.0")
+    parser.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--prompt-template", default="auto", choices=train.PROMPT_TEMPLATES)
+    parser.add_argument("--rollout", default="hf", choices=train.ROLLOUTS,
+                        help="vllm: sample with a vLLM engine (no HF copy of the model: no token entropy)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM on CUDA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: the run folder or eval_out/)")
     parser.add_argument("--no-diversity", dest="diversity", action="store_false",
                         help="skip semantic (MiniLM) and formula diversity")
     args = parser.parse_args(argv)
-    if args.n < 1:
+    sampling = {**EVAL_DEFAULTS, **PROTOCOLS.get(args.protocol, {}),
+                **{k: v for k in EVAL_DEFAULTS if (v := getattr(args, k)) is not None}}
+    if sampling["n"] < 1:
         parser.error("--n must be >= 1")
+    if sampling["temperature"] < 0 or not 0 < sampling["top_p"] <= 1:
+        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
     model_path = resolve_model(args.model)
-    cfg = train.resolve_defaults(train.TrainConfig(model=args.model if args.model == train.TOY else model_path,
-                                                   dataset=args.dataset, max_new_tokens=args.max_new_tokens,
-                                                   temperature=args.temperature, top_p=args.top_p))
     try:
+        cfg = train.resolve_defaults(train.TrainConfig(
+            model=args.model if args.model == train.TOY else model_path, dataset=args.dataset,
+            dataset_config=args.dataset_config, max_new_tokens=sampling["max_new_tokens"],
+            temperature=sampling["temperature"] or 1.0, top_p=sampling["top_p"], rollout=args.rollout,
+            prompt_template=args.prompt_template, vllm_gpu_memory_utilization=args.gpu_memory_utilization))
+        if args.rollout == "vllm":
+            train.check_vllm()
         examples = train.load_prompts(cfg, split=args.split)
     except train.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     examples = examples[: args.limit] if args.limit else examples
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = train.load_policy(model_path, device)
-    rollout = train.HFRollout(model, tokenizer, cfg, device)
-    result = evaluate_policy(rollout, tokenizer, examples, args.n, args.temperature, args.top_p,
-                             cfg.max_new_tokens, seed=args.seed, diversity=args.diversity, entropy_model=model)
-    result["model"] = args.model
-    result["dataset"] = args.dataset
+    if args.rollout == "vllm":  # the engine alone: no second copy of the weights in memory
+        from transformers import AutoTokenizer
+
+        path = train.resolve_model_path(cfg.model)
+        tokenizer, model = AutoTokenizer.from_pretrained(path), None
+        rollout = train.VLLMRollout(None, tokenizer, cfg, device, model_path=path)
+    else:
+        model, tokenizer = train.load_policy(model_path, device)
+        rollout = train.HFRollout(model, tokenizer, cfg, device)
+    examples = train.render_prompts(examples, tokenizer, args.prompt_template)
+    greedy = sampling["temperature"] == 0
+    result = evaluate_policy(rollout, tokenizer, examples, sampling["n"], sampling["temperature"],
+                             sampling["top_p"], cfg.max_new_tokens, seed=args.seed, diversity=args.diversity,
+                             entropy_model=None if greedy else model, top_k=sampling["top_k"])
+    result.update({"model": args.model, "dataset": args.dataset, "protocol": args.protocol,
+                   "rollout": args.rollout, "prompt_template": args.prompt_template})
     out = Path(args.out) if args.out else (Path(args.model) if Path(args.model, "checkpoints").is_dir()
                                            else Path("eval_out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -1038,6 +1085,8 @@ def main(argv=None) -> int:
     plot_passk(result, out / "passk.png", label=args.model)
     print(format_table(result))
     print(f"wrote {out / 'eval.json'} and {out / 'passk.png'}")
+    if hasattr(rollout, "close"):
+        rollout.close()
     return 0
 
 

