@@ -20,6 +20,9 @@ VLLM_STAMP := $(VENV)/.vllm-$(VLLM)
 # the embedded default: DSDR on the toy task (override: make train METHOD=grpo TRAIN_ARGS="--steps 50")
 METHOD ?= dsdr
 TRAIN_ARGS ?=
+# train.py refuses to start a run in a folder that holds an earlier one: `make train` is a demo, so it
+# starts over (--overwrite); `make train RUN=--resume` continues the last one instead
+RUN ?= --overwrite
 
 .PHONY: install train test test-all bench notebooks clean-venv
 
@@ -48,7 +51,7 @@ $(STAMP): pyproject.toml
 
 # The embedded default: the toy Countdown task with a tiny model warm-started locally on first use.
 train: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py --method $(METHOD) $(TRAIN_ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py --method $(METHOD) $(RUN) $(TRAIN_ARGS)
 
 $(VLLM_STAMP): $(STAMP)
 	@if [ "$(VLLM)" = "1" ]; then \

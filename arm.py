@@ -77,6 +77,7 @@ class ARMConfig(GRPOConfig):
     prompt_low_only: bool = False  # c_q over the bottom-ρ_low question tokens only (spec A5)
 
     def __post_init__(self):
+        super().__post_init__()  # the base objective's ranges (grpo.GRPOConfig)
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0 (the shift α(c_q − c_o) keeps its sign), got {self.alpha}")
         if not 0 < self.low_frac <= 1:

@@ -81,8 +81,10 @@ class CurriculumConfig:
         if self.stage_split == "threshold" and len(_as_list(self.stage_thresholds)) != self.n_stages - 1:
             raise ValueError(f"stage_split='threshold' needs n_stages-1 = {self.n_stages - 1} stage_thresholds")
         if self.stage_steps is not None and (len(_as_list(self.stage_steps)) != self.n_stages
-                                             or min(_as_list(self.stage_steps)) < 1):
-            raise ValueError(f"stage_steps must list {self.n_stages} positive stage lengths")
+                                             or min(_as_list(self.stage_steps)) < 1
+                                             or any(int(s) != s for s in _as_list(self.stage_steps))):
+            raise ValueError(f"stage_steps must list {self.n_stages} positive whole stage lengths, "
+                             f"got {self.stage_steps}")
         if self.se_max_prompts is not None and self.se_max_prompts < self.n_stages:
             raise ValueError(f"se_max_prompts must be >= n_stages ({self.n_stages}), got {self.se_max_prompts}")
 
@@ -110,7 +112,8 @@ class SENTConfig(CurriculumConfig, GRPOConfig):
     stage_restart: bool = False  # S7: at each stage boundary π_ref ← current policy and a fresh optimiser
 
     def __post_init__(self):
-        super().__post_init__()
+        CurriculumConfig.__post_init__(self)  # the data side's ranges
+        GRPOConfig.__post_init__(self)  # the base objective's ranges
         if not 0 < self.low_frac <= 1:
             raise ValueError(f"low_frac must be in (0, 1], got {self.low_frac}")
         if self.rho_cov is not None and not 0 <= self.rho_cov <= 1:
@@ -323,7 +326,7 @@ def _sample_chunk(model, tokenizer, cfg, examples: list[dict], M: int, device) -
     prompt_ids = [tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"] for ex in examples]
     responses = rollout.generate(prompt_ids, M)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(M)])
+    results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(M)], mode=cfg.answer_mode)
     # mean log π_0(o_t | h_t) from the same chunked logits / T as training (train.token_fields)
     batch = train.collate([p for p in prompt_ids for _ in range(M)], responses, tokenizer.pad_token_id,
                           tokenizer.eos_token_id)
@@ -459,10 +462,17 @@ def sent_token_sets(entropy, logp, advantages, mask, low_frac: float = 0.8, rho_
       |T_low| = max(1, ⌊low_frac·|V|⌋) lowest-entropy tokens (ties: earlier token first);
       Cov_t   = (logp_t − μ_lp)(A_t − μ_A), means over T_low (S9 default) or over V (cov_center="all");
       |T_hc|  = max(1, ⌊ρ_cov·|T_low|⌋) tokens of T_low with the largest Cov_t; β_low on T_low \\ T_hc.
-    release=True: β_low on the *bottom*-|T_hc| covariance tokens of T_low instead (S10, release).
+    release=True: β_low on the *bottom*-|T_hc| covariance tokens of T_low instead (S10, release), with the
+    release's arithmetic and tie-breaking (zldscr0/SENT, `compute_policy_loss_low_entropy_kl_cov_v2`):
+    the covariance in fp32 with the means taken over T_low in ascending-entropy order, the top and bottom
+    sets from `torch.topk(cov, k, largest=True / False)` on that CPU fp32 vector (topk's order among
+    equal values is its own, not "earlier first"), and the bottom set written *after* the top set, so a
+    token in both gets 0.05, not 0.2. The two overlap when Cov is constant over T_low, e.g. a micro-batch
+    of one all-correct group (A = 0 everywhere); "high" is then the β_high set, i.e. top minus bottom.
+    Entropy ties inside T_low stay in position order (the release's GPU topk order is not reproducible).
     """
     device = mask.device
-    valid = mask.bool().cpu()  # selection runs on CPU in float64: exact, device-independent ties
+    valid = mask.bool().cpu()  # selection runs on CPU in float64 (release: its fp32 covariance, see above)
     adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == logp.dim() - 1 else advantages
     h, lp, a = (x.detach().cpu().to(torch.float64)[valid] for x in (entropy, logp, adv))
     n = h.numel()
@@ -474,21 +484,31 @@ def sent_token_sets(entropy, logp, advantages, mask, low_frac: float = 0.8, rho_
         n_low = max(1, int(math.floor(low_frac * n + 1e-9)))  # tolerance: 0.8·10 must give 8, not 7
         low_idx = torch.sort(h, stable=True).indices[:n_low]
         low_flat[low_idx] = True
-        centre = low_flat if cov_center == "low" else torch.ones(n, dtype=torch.bool)
-        mu_lp, mu_a = lp[centre].mean(), a[centre].mean()
-        cov_low = (lp[low_idx] - mu_lp) * (a[low_idx] - mu_a)
-        cov_flat[low_idx] = cov_low
         k = max(1, int(math.floor(rho_cov * n_low + 1e-9)))
-        high_flat[low_idx[torch.sort(cov_low, descending=True, stable=True).indices[:k]]] = True
-        if release:
-            bottom_flat[low_idx[torch.sort(cov_low, stable=True).indices[:k]]] = True
+        if release:  # the release's fp32 arithmetic and topk, T_low in ascending-entropy order (docstring)
+            a_low, lp_low = a[low_idx].float(), lp[low_idx].float()
+            if cov_center == "low":
+                mu_a, mu_lp = a_low.mean(), lp_low.mean()
+            else:
+                mu_a, mu_lp = a.float().mean(), lp.float().mean()
+            cov_low = (a_low - mu_a) * (lp_low - mu_lp)
+            high_flat[low_idx[torch.topk(cov_low, k, largest=True).indices]] = True
+            bottom_flat[low_idx[torch.topk(cov_low, k, largest=False).indices]] = True
+        else:
+            centre = low_flat if cov_center == "low" else torch.ones(n, dtype=torch.bool)
+            mu_lp, mu_a = lp[centre].mean(), a[centre].mean()
+            cov_low = (lp[low_idx] - mu_lp) * (a[low_idx] - mu_a)
+            high_flat[low_idx[torch.sort(cov_low, descending=True, stable=True).indices[:k]]] = True
+        cov_flat[low_idx] = cov_low.to(torch.float64)
     tier_flat = torch.full((n,), float(TIER_FREE), dtype=torch.float32)
     if release:
         tier_flat[low_flat] = TIER_LOW_UNPENALISED
-        tier_flat[bottom_flat] = TIER_LOW
+        tier_flat[high_flat] = TIER_HIGH
+        tier_flat[bottom_flat] = TIER_LOW  # written last, as in the release: 0.05 wins where both hold
+        high_flat &= ~bottom_flat
     else:
         tier_flat[low_flat] = TIER_LOW
-    tier_flat[high_flat] = TIER_HIGH  # the top set wins where top and bottom overlap (tiny T_low)
+        tier_flat[high_flat] = TIER_HIGH
 
     def scatter(flat, dtype):
         return torch.zeros(valid.shape, dtype=dtype).masked_scatter(valid, flat.to(dtype)).to(device)
@@ -521,7 +541,8 @@ def release_token_loss(logp, old_logp, ref_logp, advantages, coef):
 
         ℓ_t = −A_t ρ_t + c_t·|logp_t − old_logp_t|      (unclipped surrogate; penalty to π_old, not π_ref)
 
-    with c_t = 0.2 on the top-k_c covariance tokens of T_low and 0.05 on the bottom-k_c ones (S10); the
+    with c_t = 0.2 on the top-k_c covariance tokens of T_low and 0.05 on the bottom-k_c ones (S10; 0.05
+    where a token is in both, as the release writes the bottom set last: `sent_token_sets`); the
     caller adds 0.001·token-mean(k3 to π_ref) over all valid tokens. At ρ = 1 the |Δlogp| term is 0 in
     value and in (sub)gradient: on the first update after each rollout it does nothing.
 
@@ -637,13 +658,21 @@ class SENT(Method):
 
         Each rank sends its valid tokens' (entropy, logp, A) to all; every rank runs the same selection
         on the concatenation (rank order) and keeps its own slice, so the global cut-offs are exact.
-        Entropy and logp are π_old's from the prepass / fused forward (S11: on-policy = current policy).
+
+        Entropy and logp are the *current* policy's, detached. S8 says "from the prepass" (π_old) and S11
+        says "the current policy"; they agree on-policy and conflict off-policy (--mini-batches > 1). We
+        follow S11, as Lp-Reg's ranking does (its spec L4) and as the release does in every micro-batch:
+        before each mini-batch after the first the loop refreshes π_θ's "cur_entropy" / "cur_logp" with a
+        no-grad forward over these rows; on the first mini-batch π_θ = π_old and π_old's "entropy" /
+        "old_logp" (prepass or fused forward) stand in for them.
         """
         fields = batch["fields"]
         index = torch.tensor(rows, dtype=torch.long)
         if rows:
             mask = self._mask(batch["response_mask"][index], batch["truncated"][index]).bool()
-            ent, lp = fields["entropy"][index], fields["old_logp"][index]
+            current = "cur_logp" in fields  # refreshed for these rows: both current fields are present
+            ent = (fields["cur_entropy"] if current else fields["entropy"])[index]
+            lp = (fields["cur_logp"] if current else fields["old_logp"])[index]
             adv = batch["advantages"][index].unsqueeze(-1).expand_as(lp)
             local = (ent[mask], lp[mask], adv[mask])
         else:
@@ -665,8 +694,12 @@ class SENT(Method):
         mask = self._mask(mb["mask"], mb.get("truncated"))
         if c.scope == "batch":
             tier = mb["sent_tier"].to(mask.device)
-        else:  # S8 switch (release scope): the statistics of this micro-batch only
-            tier = self._sets(mb["entropy"], mb["old_logp"], mb["advantages"], mask).to(mask.device)
+        else:  # S8 switch (release scope): the statistics of this micro-batch only, from this forward:
+            # π_θ's entropy and detached logp (S11; the release recomputes both in every micro-batch, also
+            # on its second optimiser step per rollout, where π_old's prepass values would be stale).
+            # "cur_entropy" is the training forward's; without it (a hand-built mb) "entropy" stands in.
+            entropy = mb["cur_entropy"] if "cur_entropy" in mb else mb["entropy"]
+            tier = self._sets(entropy, mb["logp"].detach(), mb["advantages"], mask).to(mask.device)
         tier = tier * mask
         beta = tier_betas(tier, c.beta_high, c.beta_low)
         m = mask.bool()

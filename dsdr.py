@@ -60,13 +60,19 @@ class DSDRConfig(GRPOConfig):
     coupling: bool = True  # False = "w/o GC": the local term is off (λ_ℓ = 0), as §4.4 describes
 
     def __post_init__(self):
+        super().__post_init__()  # the base objective's ranges (grpo.GRPOConfig)
         if self.diversity_among not in ("all", "correct"):
             raise ValueError(f"diversity_among must be 'all' or 'correct', got {self.diversity_among!r}")
         if not 1 <= int(self.encoder_max_seq_length) <= 512:
             raise ValueError(f"encoder_max_seq_length must be in [1, 512] (MiniLM has 512 positions), "
                              f"got {self.encoder_max_seq_length}")
-        if self.lambda_d < 0 or self.lambda_l < 0 or self.tau < 0 or self.sigma_d <= 0:
-            raise ValueError("lambda_d, lambda_l and tau must be >= 0 and sigma_d > 0")
+        for name in ("lambda_d", "lambda_l", "tau"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.sigma_d > 0:
+            raise ValueError(f"sigma_d must be > 0 (the upper clip of d), got {self.sigma_d}")
+        if self.formula_max_chars is not None and not self.formula_max_chars >= 1:
+            raise ValueError(f"formula_max_chars must be >= 1 (or none: whole responses), got {self.formula_max_chars}")
 
 
 # ====================================================================================================

@@ -550,7 +550,7 @@ def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]
 
 def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperature: float, top_p: float,
                     max_new_tokens: int, seed: int = 0, dist=None, diversity: bool = True,
-                    entropy_model=None, top_k: int = 0) -> dict:
+                    entropy_model=None, top_k: int = 0, answer_mode: str = verifier.DEFAULT_MATH_MODE) -> dict:
     """n samples per prompt from `rollout` (train.HFRollout or the vLLM engine), verified and scored.
 
     Reports, averaged over prompts: pass@k for k = 1, 2, 4, ..., n, avg@n, maj@n, distinct correct, and
@@ -569,7 +569,7 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
     responses = rollout.generate(prompt_ids, n, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, **extra) if mine or sharded else []
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
-    results = verifier.verify_batch(texts, [ex for ex in mine for _ in range(n)])
+    results = verifier.verify_batch(texts, [ex for ex in mine for _ in range(n)], mode=answer_mode)
     per_problem = [problem_metrics(results[i * n:(i + 1) * n], ex, texts[i * n:(i + 1) * n])
                    for i, ex in enumerate(mine)]
     if diversity and texts:
@@ -841,8 +841,10 @@ def compare_runs(run_dirs: list, out: Path) -> str:
 
 
 def compare_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="eval.py compare",
-                                     description="one Markdown table and one figure for several run folders")
+    import train
+
+    parser = train.OneLineParser(prog="eval.py compare",
+                                 description="one Markdown table and one figure for several run folders")
     parser.add_argument("runs", nargs="+", help="train.py run folders (seeds of one setting are pooled)")
     parser.add_argument("--out", default="compare_out", help="folder for compare.md and compare.png")
     args = parser.parse_args(argv)
@@ -929,6 +931,8 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
         resume = train.latest_checkpoint(run_dir) is not None if run_dir.exists() else False
         if resume:
             argv.append("--resume")
+        elif run_dir.exists():  # interrupted before its first checkpoint: nothing to keep, start it again
+            argv.append("--overwrite")
         try:
             cfg, overrides = train.parse_args(argv)
             trainer = train.Trainer(cfg, overrides)
@@ -952,8 +956,10 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
 
 
 def study_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="eval.py study", description=study.__doc__.split("\n\n")[0],
-                                     epilog="Arguments after -- go to train.py, e.g. -- --group-size 16")
+    import train
+
+    parser = train.OneLineParser(prog="eval.py study", description=study.__doc__.split("\n\n")[0],
+                                 epilog="Arguments after -- go to train.py, e.g. -- --group-size 16")
     parser.add_argument("--methods", default="grpo,dapo",
                         help="comma-separated train.py methods; variants as method:flag or method:key=value, "
                              "e.g. dsdr:no_global_diversity,dsdr:no_coupling,dsdr:tau=0")
@@ -1003,27 +1009,55 @@ def resolve_model(model: str) -> str:
 
         ckpt = train.latest_checkpoint(path)
         if ckpt is None:
-            raise SystemExit(f"error: run folder {model} has no checkpoint yet")
+            raise train.ConfigError(f"run folder {model} has no checkpoint yet: train it first (or pass a "
+                                    f"model folder)")
         return str(ckpt)
     return model
 
 
+def prepare_out(out: Path) -> None:
+    """Create the output folder and check that a file can be written there, before any model is loaded:
+    an --out that is a file or read-only must not fail after the whole evaluation and lose it."""
+    import train
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".eval_write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise train.ConfigError(f"--out {out} is not a writable folder ({e.strerror or e}): choose another "
+                                f"--out") from None
+
+
 def main(argv=None) -> int:
+    """eval.py [compare | study] ...: bad input is one line on stderr ("error: ... "), exit code 2."""
     import train
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "compare":
-        return compare_main(argv[1:])
-    if argv and argv[0] == "study":
-        return study_main(argv[1:])
-    parser = argparse.ArgumentParser(description="pass@k / avg@n / maj@k / distinct correct of a policy")
+    try:
+        if argv and argv[0] == "compare":
+            return compare_main(argv[1:])
+        if argv and argv[0] == "study":
+            return study_main(argv[1:])
+        return evaluate_main(argv)
+    except train.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def evaluate_main(argv: list[str]) -> int:
+    import train
+
+    parser = train.OneLineParser(description="pass@k / avg@n / maj@k / distinct correct of a policy")
     parser.add_argument("--model", required=True, help="run folder, 'toy', hub name or local model folder")
     parser.add_argument("--dataset", default="countdown",
                         help="countdown, a hub dataset (known aliases: " + ", ".join(
                             a for aliases, *_ in train.KNOWN_DATASETS.values() for a in aliases[:1]) +
                         ") or a local .jsonl/.parquet file")
     parser.add_argument("--dataset-config", default=None, help="a hub dataset's config name")
-    parser.add_argument("--split", default="heldout")
+    parser.add_argument("--split", default="heldout",
+                        help="countdown: heldout (default) or train; a hub dataset: one of its splits")
     parser.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS),
                         help="a paper's sampling settings (explicit flags below override them)")
     parser.add_argument("--n", type=int, default=None, help="samples per problem (default 32)")
@@ -1037,29 +1071,45 @@ def main(argv=None) -> int:
                         help="vllm: sample with a vLLM engine (no HF copy of the model: no token entropy)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM on CUDA")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--answer-mode", default=verifier.DEFAULT_MATH_MODE, choices=verifier.MATH_MODES,
+                        help="math answers: math-verify's extraction (default) or strict (needs \\boxed{}, "
+                             "'Answer:' or '####')")
     parser.add_argument("--out", default=None, help="output folder (default: the run folder or eval_out/)")
     parser.add_argument("--no-diversity", dest="diversity", action="store_false",
                         help="skip semantic (MiniLM) and formula diversity")
     args = parser.parse_args(argv)
     sampling = {**EVAL_DEFAULTS, **PROTOCOLS.get(args.protocol, {}),
                 **{k: v for k in EVAL_DEFAULTS if (v := getattr(args, k)) is not None}}
+    # every check before the model loads (ConfigError: one line, exit code 2)
     if sampling["n"] < 1:
-        parser.error("--n must be >= 1")
-    if sampling["temperature"] < 0 or not 0 < sampling["top_p"] <= 1:
-        parser.error("--temperature must be >= 0 and --top-p in (0, 1]")
+        raise train.ConfigError(f"--n must be >= 1 (samples per problem), got {sampling['n']}")
+    temperature = sampling["temperature"]
+    if not (temperature == 0 or train.MIN_TEMPERATURE <= temperature < float("inf")):
+        raise train.ConfigError(f"--temperature must be 0 (greedy) or >= {train.MIN_TEMPERATURE} (logits / T "
+                                f"overflows float32 as T -> 0), got {temperature}")
+    if not 0 < sampling["top_p"] <= 1:
+        raise train.ConfigError(f"--top-p must be in (0, 1], got {sampling['top_p']}")
+    if sampling["top_k"] < 0:
+        raise train.ConfigError(f"--top-k must be >= 0 (0 = off), got {sampling['top_k']}")
+    if sampling["max_new_tokens"] is not None and sampling["max_new_tokens"] < 1:
+        raise train.ConfigError(f"--max-new-tokens must be >= 1, got {sampling['max_new_tokens']}")
+    if args.limit is not None and args.limit < 1:
+        raise train.ConfigError(f"--limit must be >= 1 (omit it to evaluate every problem), got {args.limit}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise train.ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     model_path = resolve_model(args.model)
-    try:
-        cfg = train.resolve_defaults(train.TrainConfig(
-            model=args.model if args.model == train.TOY else model_path, dataset=args.dataset,
-            dataset_config=args.dataset_config, max_new_tokens=sampling["max_new_tokens"],
-            temperature=sampling["temperature"] or 1.0, top_p=sampling["top_p"], rollout=args.rollout,
-            prompt_template=args.prompt_template, vllm_gpu_memory_utilization=args.gpu_memory_utilization))
-        if args.rollout == "vllm":
-            train.check_vllm()
-        examples = train.load_prompts(cfg, split=args.split)
-    except train.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    train.check_model_path(model_path)
+    cfg = train.resolve_defaults(train.TrainConfig(
+        model=args.model if args.model == train.TOY else model_path, dataset=args.dataset,
+        dataset_config=args.dataset_config, max_new_tokens=sampling["max_new_tokens"],
+        temperature=sampling["temperature"] or 1.0, top_p=sampling["top_p"], rollout=args.rollout,
+        prompt_template=args.prompt_template, vllm_gpu_memory_utilization=args.gpu_memory_utilization))
+    if args.rollout == "vllm":
+        train.check_vllm()
+    examples = train.load_prompts(cfg, split=args.split)
+    out = Path(args.out) if args.out else (Path(args.model) if Path(args.model, "checkpoints").is_dir()
+                                           else Path("eval_out"))
+    prepare_out(out)
     examples = examples[: args.limit] if args.limit else examples
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.rollout == "vllm":  # the engine alone: no second copy of the weights in memory
@@ -1072,14 +1122,15 @@ def main(argv=None) -> int:
         model, tokenizer = train.load_policy(model_path, device)
         rollout = train.HFRollout(model, tokenizer, cfg, device)
     examples = train.render_prompts(examples, tokenizer, args.prompt_template)
+    train.check_prompt_lengths(examples, tokenizer, cfg, getattr(getattr(model, "config", None),
+                                                                 "max_position_embeddings", None))
     greedy = sampling["temperature"] == 0
     result = evaluate_policy(rollout, tokenizer, examples, sampling["n"], sampling["temperature"],
                              sampling["top_p"], cfg.max_new_tokens, seed=args.seed, diversity=args.diversity,
-                             entropy_model=None if greedy else model, top_k=sampling["top_k"])
+                             entropy_model=None if greedy else model, top_k=sampling["top_k"],
+                             answer_mode=args.answer_mode)
     result.update({"model": args.model, "dataset": args.dataset, "protocol": args.protocol,
                    "rollout": args.rollout, "prompt_template": args.prompt_template})
-    out = Path(args.out) if args.out else (Path(args.model) if Path(args.model, "checkpoints").is_dir()
-                                           else Path("eval_out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     plot_passk(result, out / "passk.png", label=args.model)

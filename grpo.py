@@ -222,6 +222,35 @@ class GRPOConfig:
     overlong_factor: float = 1.0  # f
     mask_truncated: bool = False  # overlong filtering: drop the loss of truncated responses
 
+    def __post_init__(self):
+        """Ranges and names, checked when the config is made (train.build_method re-runs it after the
+        command-line overrides), not at the first update. Subclasses call it first in their own."""
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"agg must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
+        if self.adv_scale not in ADV_SCALES:
+            raise ValueError(f"adv_scale must be one of {', '.join(ADV_SCALES)}, got {self.adv_scale!r}")
+        if not 0 <= self.eps_low <= 1:
+            raise ValueError(f"eps_low must be in [0, 1] (the ratio is clipped below at 1 - eps_low), "
+                             f"got {self.eps_low}")
+        if not self.eps_high >= 0:
+            raise ValueError(f"eps_high must be >= 0 (the ratio is clipped above at 1 + eps_high), got {self.eps_high}")
+        if not (self.adv_eps > 0 or self.adv_scale == "none" and self.adv_eps == 0):
+            raise ValueError(f"adv_eps must be > 0 (an all-equal group would divide 0 by 0), got {self.adv_eps}")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef must be >= 0 (the weight of the KL to the reference; 0 = off), "
+                             f"got {self.kl_coef}")
+        if self.dual_clip_c is not None and not self.dual_clip_c > 1:
+            raise ValueError(f"dual_clip_c must be > 1 (or none: off), got {self.dual_clip_c}")
+        if not self.max_gen_batches >= 1:
+            raise ValueError(f"max_gen_batches must be >= 1, got {self.max_gen_batches}")
+        if not 0 <= self.overlong_buffer <= 1:
+            raise ValueError(f"overlong_buffer must be in [0, 1] (a fraction of max_new_tokens), "
+                             f"got {self.overlong_buffer}")
+        if not self.overlong_factor >= 0:
+            raise ValueError(f"overlong_factor must be >= 0, got {self.overlong_factor}")
+
+
+ADV_SCALES = ("group", "batch", "none")
 
 PRESETS = {
     "grpo": GRPOConfig(),
@@ -257,7 +286,10 @@ class Method:
       2. `advantages(batch, rewards)`   → A per response                    (z-score / Dr. GRPO)
       3. `prepare_update(batch, rows, dist)` once per optimisation batch (`rows` of the rollout batch)
          when `needs_batch_fields`: batch["fields"] then holds detached per-token fields of the whole
-         rollout batch from the prepass (ARM, Lp-Reg, SENT select tokens or shift advantages from them)
+         rollout batch from the prepass (ARM, Lp-Reg, SENT select tokens or shift advantages from them):
+         π_old's "old_logp", "entropy", "minp_proxy_logp", "prompt_logp", and from the second mini-batch
+         on (--mini-batches > 1, the parameters have moved) the current policy's "cur_logp" /
+         "cur_entropy" of these rows (absent on the first, where π_θ = π_old)
       4. `loss(mb, norm)` per micro-batch → the scalar to backward + metrics.
     `mb` is a dict of tensors for a micro-batch: logp [b,T] (with grad), mask [b,T], advantages [b],
     old_logp, group_size, and whatever `needs()` asked for; `norm` is the global `Normaliser`.

@@ -31,9 +31,19 @@ the optimisation batch, spec L2): `needs_batch_fields = True` makes the loop cal
 the detached fields of the whole batch, from the training forward itself when the batch is one forward,
 otherwise from a no-grad prepass. The selection is written back as the per-token field "lp_selected".
 
+Temperature (rollout T ≠ 1). The official code filters the *raw* logits and divides by T afterwards, so
+the keep set is K = {v : z_v − z_max ≥ ln κ} on the raw logits z, and the proxy renormalises the tempered
+distribution softmax(z/T) over K. That is our default, `lp_filter_logits="raw"`; "tempered" (our earlier
+order) builds K from softmax(z/T) instead, i.e. z_v − z_max ≥ T·ln κ. At T = 1 both are the same.
+
 Off-policy (the paper's "off." rows: mini-batch 32 of 256, i.e. 8 optimiser steps per rollout batch) is
 the loop's `--mini-batches 8`: old_logp and the proxy then come from π_old's prepass and stay fixed for
-all 8 steps (spec L5). The default, one optimiser step per rollout batch, is the paper's on-policy setting.
+all 8 steps (spec L5). The *ranking* and the test logp < log π_proxy use the current policy's detached
+logp (spec L4; the official loss ranks each micro-batch by its current detached logp): before every
+mini-batch after the first the loop runs a no-grad forward with the current parameters over that
+mini-batch's rows and hands it to `prepare_update` as the field "cur_logp" (π_θ now), next to π_old's
+"old_logp" and "minp_proxy_logp". On the first mini-batch π_θ = π_old and "cur_logp" is absent.
+The default, one optimiser step per rollout batch, is the paper's on-policy setting.
 """
 
 from __future__ import annotations
@@ -72,10 +82,14 @@ class LpRegConfig(GRPOConfig):
     lp_min_k: int = 1  # L3: select none when k < lp_min_k; 2 reproduces the code's skip of k = 1
     lp_filter: str = "minp"  # L6: "minp" | "fixed" (the p ≥ τ ablation; train.proxy_filter passes τ on)
     lp_tau: float = 0.02  # τ of lp_filter="fixed"
+    # L6 at T ≠ 1: "raw" (official code: the keep set from the raw logits, then renormalise softmax(z/T)
+    # over it) | "tempered" (the keep set from softmax(z/T)); identical at T = 1. train.proxy_filter passes it
+    lp_filter_logits: str = "raw"
     lp_clip_form: str = "ppo"  # L8: "ppo" max-form (code) | "paper": clip(r, 0, U)·A on every token
     lp_rho_pos: float = 0.0  # L10: > 0 also regularises the lowest positive tokens ("Reg. Pos. & Neg.")
 
     def __post_init__(self):
+        super().__post_init__()  # the base objective's ranges (grpo.GRPOConfig)
         if not 0 < self.kappa <= 1:
             raise ValueError(f"kappa must be in (0, 1], got {self.kappa}")
         if not 0 <= self.rho <= 1 or not 0 <= self.lp_rho_pos <= 1:
@@ -94,6 +108,8 @@ class LpRegConfig(GRPOConfig):
             raise ValueError(f"lp_tau must be in (0, 1], got {self.lp_tau}")
         if self.lp_filter not in ("minp", "fixed"):
             raise ValueError(f"lp_filter must be 'minp' or 'fixed', got {self.lp_filter!r}")
+        if getattr(self, "lp_filter_logits", "raw") not in ("raw", "tempered"):
+            raise ValueError(f"lp_filter_logits must be 'raw' or 'tempered', got {self.lp_filter_logits!r}")
 
 
 # ====================================================================================================
@@ -103,6 +119,16 @@ class LpRegConfig(GRPOConfig):
 # the full-vocabulary softmax never exists for the whole batch). These take full logits [..., V] and
 # exist for tests, notebooks and small cases. All threshold tests run in fp32 logit space (spec L6):
 # p(v) ≥ κ·p_max  ⟺  z_v − z_max ≥ ln κ, which needs neither a softmax nor a division.
+# Both take the *raw* logits and the sampling temperature T. filter_logits="raw" (default, official order:
+# `apply_min_p` on the raw logits, then `div_(temperature)`) tests the keep condition on z; "tempered"
+# tests it on z/T. In both cases the kept tokens share the tempered distribution softmax(z/T).
+FILTER_LOGITS = ("raw", "tempered")
+
+
+def _keep_space(z: torch.Tensor, temperature: float, filter_logits: str) -> torch.Tensor:
+    if filter_logits not in FILTER_LOGITS:
+        raise ValueError(f"lp_filter_logits must be 'raw' or 'tempered', got {filter_logits!r}")
+    return z if filter_logits == "raw" else z / temperature
 
 
 def _proxy_from_keep(log_probs: torch.Tensor, kept: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,24 +139,29 @@ def _proxy_from_keep(log_probs: torch.Tensor, kept: torch.Tensor, targets: torch
     return torch.where(target_kept, target_logp - log_z, torch.full_like(target_logp, FILTERED_LOGP))
 
 
-def minp_proxy_logp(logits: torch.Tensor, targets: torch.Tensor, kappa: float = 0.02) -> torch.Tensor:
+def minp_proxy_logp(logits: torch.Tensor, targets: torch.Tensor, kappa: float = 0.02, temperature: float = 1.0,
+                    filter_logits: str = "raw") -> torch.Tensor:
     """Eq. 5, min-p variant (official `apply_min_p`): K = {v : p(v) ≥ κ·max_u p(u)} (`≥`, spec L6).
 
-    `logits` [..., V] (already divided by the sampling temperature), `targets` [...] → [...] fp32.
-    The argmax is always kept, so Z ≥ p_max > 0 and the kept-token value is finite.
+    `logits` [..., V] raw (not yet divided by `temperature`), `targets` [...] → [...] fp32. p in the keep
+    test is softmax(z) ("raw") or softmax(z/T) ("tempered"); the proxy is softmax(z/T) renormalised over K.
+    The argmax is always kept (it is the argmax of both), so Z ≥ p_max > 0 and the kept value is finite.
     """
     z = logits.float()
-    kept = z >= (z.max(dim=-1, keepdim=True).values + math.log(kappa))
-    return _proxy_from_keep(torch.log_softmax(z, dim=-1), kept, targets)
+    space = _keep_space(z, temperature, filter_logits)
+    kept = space >= (space.max(dim=-1, keepdim=True).values + math.log(kappa))
+    return _proxy_from_keep(torch.log_softmax(z / temperature, dim=-1), kept, targets)
 
 
-def fixed_proxy_logp(logits: torch.Tensor, targets: torch.Tensor, tau: float = 0.02) -> torch.Tensor:
-    """Fixed-τ ablation of Eq. 5 (spec L6 switch): K = {v : p(v) ≥ τ}.
+def fixed_proxy_logp(logits: torch.Tensor, targets: torch.Tensor, tau: float = 0.02, temperature: float = 1.0,
+                     filter_logits: str = "raw") -> torch.Tensor:
+    """Fixed-τ ablation of Eq. 5 (spec L6 switch): K = {v : p(v) ≥ τ}, p as in `minp_proxy_logp`.
 
     A position whose max p is below τ keeps nothing: every token there is "noise" (FILTERED_LOGP).
     """
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    return _proxy_from_keep(log_probs, log_probs >= math.log(tau), targets)
+    z = logits.float()
+    kept = torch.log_softmax(_keep_space(z, temperature, filter_logits), dim=-1) >= math.log(tau)
+    return _proxy_from_keep(torch.log_softmax(z / temperature, dim=-1), kept, targets)
 
 
 # ====================================================================================================
@@ -304,8 +335,14 @@ class LpReg(Method):
     def prepare_update(self, batch, rows: list[int], dist) -> None:
         """S over the optimisation batch `rows` of every rank, as the field "lp_selected" (0/1 float).
 
-        Ranked by π_old's logp from the prepass / fused forward (on-policy = the current logp, L4), against
-        π_old's proxy (L5). Every rank takes part in the collectives, even with no rows.
+        Ranked by the detached logp of the *current* policy, which also decides logp < log π_proxy (L4),
+        against π_old's proxy (L5). The fields say which policy each comes from:
+          "cur_logp"         π_θ as it is now: the loop's no-grad forward over these rows, run before every
+                             mini-batch after the first (the parameters have moved since the prepass);
+          "old_logp"         π_old (prepass or fused forward); stands in for "cur_logp" when that is absent,
+                             i.e. on the first mini-batch, where π_θ = π_old;
+          "minp_proxy_logp"  π_old's proxy, fixed for all mini-batches of the rollout batch.
+        Every rank takes part in the collectives, even with no rows.
         """
         fields = batch["fields"]
         shape = batch["response_mask"].shape
@@ -314,7 +351,8 @@ class LpReg(Method):
         index = torch.tensor(rows, dtype=torch.long)
         mask = self._mask(batch["response_mask"][index], batch["truncated"][index] if "truncated" in batch else None)
         if rows:
-            logp, proxy = fields["old_logp"][index], fields["minp_proxy_logp"][index]
+            current = fields["cur_logp"] if "cur_logp" in fields else fields["old_logp"]
+            logp, proxy = current[index], fields["minp_proxy_logp"][index]
         else:  # no rows on this rank (the fused path then passes no fields): still join the collectives
             logp = proxy = torch.zeros(mask.shape)
         selected = self._select(logp, batch["advantages"][index], mask, proxy, dist)
@@ -346,5 +384,5 @@ class LpReg(Method):
         return aggregate(per_token, mask, c.agg, norm), stats  # token-mean over ALL valid tokens (L9)
 
 
-__all__ = ["LpRegConfig", "LpReg", "FILTERED_LOGP", "minp_proxy_logp", "fixed_proxy_logp", "lowest_count",
-           "lowest_k_mask", "global_quantile", "select_tokens", "lpreg_token_loss"]
+__all__ = ["LpRegConfig", "LpReg", "FILTERED_LOGP", "FILTER_LOGITS", "minp_proxy_logp", "fixed_proxy_logp",
+           "lowest_count", "lowest_k_mask", "global_quantile", "select_tokens", "lpreg_token_loss"]

@@ -27,6 +27,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import errno
+import fcntl
+import hashlib
 import importlib
 import json
 import math
@@ -84,18 +87,32 @@ def method_config_defaults(name: str):
 
 
 def build_method(name: str, overrides: dict | None = None) -> Method:
+    """The method with its defaults and `overrides` (command-line text or Python values), every value
+    checked against its field's declared type here and every range in the config's `__post_init__`, so
+    that a typo fails now with one line naming the flag, not at the first update."""
     cls = method_class(name)
     cfg = method_config_defaults(name)
-    for key, value in (overrides or {}).items():
-        if not hasattr(cfg, key):
-            raise ConfigError(f"method {name!r} has no hyperparameter {key!r}")
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key in overrides or {}:
+        if key not in names:
+            raise ConfigError(f"method {name!r} has no hyperparameter {key!r} (see --method {name} --help)")
+    for key, value in coerce_fields(type(cfg), overrides or {}, prefix=name).items():
         setattr(cfg, key, value)
     if hasattr(cfg, "__post_init__"):
         try:
             cfg.__post_init__()  # re-validate after overrides
         except ValueError as e:
-            raise ConfigError(f"method {name!r}: {e}")
+            raise ConfigError(_name_the_flag(str(e), names, name))
     return cls(cfg)
+
+
+def _name_the_flag(message: str, names: set, method: str) -> str:
+    """A config's "kl_coef must be >= 0, got -1.0" as "method 'grpo': kl_coef must be >= 0, got -1.0 (flag
+    --grpo.kl-coef)": the field, as configs and checkpoints name it, and the flag that sets it."""
+    first = message.split(" ", 1)[0]
+    if first in names:
+        return f"method {method!r}: {message} (flag {flag_name(first, method)})"
+    return f"method {method!r}: {message}"
 
 
 # ====================================================================================================
@@ -117,13 +134,28 @@ class TrainConfig:
     # larger step to move in ~100 updates; None picks 1e-6 for real models and TOY_LR for the toy.
     lr: float | None = None
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    # the max gradient norm. 0 is refused (clip_grad_norm_ would scale every gradient to 0: no learning,
+    # silently); `inf` turns clipping off
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, > 0; inf turns clipping off"})
     max_new_tokens: int | None = None  # None: toy.MAX_NEW_TOKENS for the toy, 1024 otherwise
-    temperature: float = 1.0  # pure sampling: T = 1, top_p = 1, no top_k (grpo spec §9)
+    # longest prompt (in tokens, after the template) accepted; None: the model's context (max positions).
+    # Longer prompts are refused at start (check_prompt_lengths), not discovered mid-run.
+    max_prompt_tokens: int | None = None
+    # how math answers are read for the reward (verifier.py): "math-verify" = math-verify's own extraction
+    # (boxes first, then the last expression; several adjacent boxes form one set answer), or "strict" =
+    # only a response that commits to a final answer (\boxed{}, an "Answer:" line or "####") is graded,
+    # everything else is "unparseable" (reward 0): a guard against a policy rewarded for numbers it merely
+    # mentions. Countdown (the toy) is always checked exactly.
+    answer_mode: str = verifier.DEFAULT_MATH_MODE
+    # pure sampling: T = 1, top_p = 1, no top_k (grpo spec §9). Floor MIN_TEMPERATURE: log-probs use logits / T
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature, >= 1e-3"})
     top_p: float = 1.0
     seed: int = 0
     out: str | None = None  # run folder; default runs/<method>-s<seed>
     resume: bool = False  # continue from the latest checkpoint in --out
+    # --out holds an earlier run: delete it and start over (without it a non-empty run folder is refused,
+    # unless --resume continues it)
+    overwrite: bool = False
     micro_batch_tokens: int = 16384  # bound on (sequences × padded length) per forward
     # recompute each decoder layer's activations in backward instead of storing them: activation memory
     # of a micro-batch drops from ~all layers' intermediates to their inputs (README "Scaling up")
@@ -176,6 +208,9 @@ ROLLOUTS = ("hf", "vllm")
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     cfg = copy.copy(cfg)
+    # every value as its field's declared type (a programmatic TrainConfig gets the same checks as the CLI)
+    for name, value in coerce_fields(TrainConfig, dataclasses.asdict(cfg)).items():
+        setattr(cfg, name, value)
     toy = cfg.model == TOY
     if cfg.lr is None:
         cfg.lr = TOY_LR if toy else 1e-6
@@ -208,12 +243,35 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                           f"{cfg.prompts_per_step}")
     if cfg.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {cfg.steps}")
-    if cfg.temperature <= 0:
-        raise ConfigError(f"--temperature must be > 0 (log-probs are computed from logits / T), got {cfg.temperature}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"--lr must be > 0, got {cfg.lr} (the papers use 1e-6 for 1.5B-32B models)")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):
+        raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if not cfg.grad_clip > 0:  # 0 would scale every gradient to 0; inf is the documented "off"
+        raise ConfigError(f"--grad-clip must be > 0 (the max gradient norm; use inf to turn clipping off), "
+                          f"got {cfg.grad_clip}")
+    if not MIN_TEMPERATURE <= cfg.temperature < math.inf:
+        raise ConfigError(f"--temperature must be >= {MIN_TEMPERATURE} (log-probs use logits / T, which overflows "
+                          f"float32 as T -> 0; below it sampling is greedy anyway), got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.answer_mode not in verifier.MATH_MODES:
+        raise ConfigError(f"--answer-mode must be one of {', '.join(verifier.MATH_MODES)}, got {cfg.answer_mode!r}")
+    if cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens < 1:
+        raise ConfigError(f"--max-prompt-tokens must be >= 1 (or none: the model's context), got {cfg.max_prompt_tokens}")
+    for name, low, note in (("save_every", 1, "steps between checkpoints"),
+                            ("eval_every", 0, "0: evaluate only at the end"),
+                            ("eval_prompts", 1, "held-out prompts per evaluation"),
+                            ("eval_samples", 1, "samples per held-out prompt"),
+                            ("micro_batch_tokens", 1, "sequences x padded length per forward"),
+                            ("gen_batch_prompts", 1, "prompts per generate call"),
+                            ("logit_chunk_rows", 1, "rows of the logits processed at once")):
+        if getattr(cfg, name) < low:
+            raise ConfigError(f"{flag_name(name)} must be >= {low} ({note}), got {getattr(cfg, name)}")
+    if cfg.dataset == "countdown" and cfg.split not in COUNTDOWN_SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(COUNTDOWN_SPLITS)} for countdown, got {cfg.split!r}")
     if cfg.curriculum not in CURRICULA:
         raise ConfigError(f"--curriculum must be one of {', '.join(CURRICULA)}, got {cfg.curriculum!r}")
     if cfg.prompt_template not in PROMPT_TEMPLATES:
@@ -228,6 +286,160 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     suffix = Path(cfg.dataset).suffix
     if suffix in (".jsonl", ".json", ".parquet") and not Path(cfg.dataset).exists():
         raise ConfigError(f"dataset file {cfg.dataset} does not exist")
+    check_model_path(cfg.model)
+
+
+# Below this temperature sampling is greedy in all but name, and logits / T heads for float32 overflow
+# (inf − inf = NaN log-probs; at T = 1e-40 every logit overflows). 1e-3 keeps |logits / T| ≲ 1e5.
+MIN_TEMPERATURE = 1e-3
+COUNTDOWN_SPLITS = ("train", "heldout", "test", "validation")  # test / validation = heldout (toy.load_split)
+# a model folder needs one of these for AutoTokenizer (fast tokenizer, its config, or slow vocab files)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def flag_name(field_name: str, prefix: str | None = None) -> str:
+    """The command-line flag of a config field: lr → --lr, ("kl_coef", "grpo") → --grpo.kl-coef."""
+    return f"--{prefix + '.' if prefix else ''}{field_name.replace('_', '-')}"
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def coerce_field(value, hint, flag: str):
+    """`value` as the declared type `hint` of a config field: text from the command line is parsed, a Python
+    value is checked. int fields refuse 1.5 (2.0 → 2), float fields refuse text and NaN, `X | None` fields
+    take None or the text "none". Raises ConfigError naming `flag`."""
+    import numbers
+    import types
+    import typing
+
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)]
+    kind = kinds[0] if len(kinds) == 1 else None
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{flag} needs a value, got None")
+    text = value.strip() if isinstance(value, str) else None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return text.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{flag} must be true or false, got {_shown(value)}")
+    if kind is int:
+        number = value
+        if text is not None:
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    number = float(text)
+                except ValueError:
+                    raise ConfigError(f"{flag} must be an integer, got {_shown(value)}") from None
+        if isinstance(number, bool) or not isinstance(number, numbers.Real) or not math.isfinite(number) \
+                or number != int(number):
+            raise ConfigError(f"{flag} must be an integer, got {text if text is not None else _shown(value)}")
+        return int(number)
+    if kind is float:
+        number = value
+        if text is not None:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ConfigError(f"{flag} must be a number, got {_shown(value)}") from None
+        if isinstance(number, bool) or not isinstance(number, numbers.Real) or math.isnan(number):
+            raise ConfigError(f"{flag} must be a number, got {_shown(value)}")
+        return float(number)
+    if kind is str:
+        if isinstance(value, os.PathLike):  # a Path for --model / --dataset / --out
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{flag} must be text, got {_shown(value)}")
+        return value
+    if kind is list:  # "0.5" or "2,2" (the configs' list fields, all numeric, accept either)
+        parsed = _parse_value(text) if text is not None else value
+        items = parsed if isinstance(parsed, (list, tuple)) else [parsed]
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Real) for x in items):
+            raise ConfigError(f"{flag} must be a number or comma-separated numbers, got {_shown(value)}")
+        return parsed
+    return value
+
+
+def coerce_fields(cls, values: dict, prefix: str | None = None) -> dict:
+    """`coerce_field` for each name → value of the dataclass `cls` (flags named with `prefix`)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {k: coerce_field(v, hints.get(k), flag_name(k, prefix)) for k, v in values.items()}
+
+
+def _looks_like_path(name: str) -> bool:
+    """A --model that cannot be a hub id ("owner/name" or "name"): absolute, relative, ~, or deeper."""
+    return (name.startswith(("/", ".", "~")) or name.endswith("/") or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def check_model_path(name: str) -> None:
+    """--model: a local folder must exist and hold a config and a tokenizer; a hub id is checked against the
+    local cache when the hub is off (HF_HUB_OFFLINE), since it could not be downloaded."""
+    if name == TOY:
+        return
+    path = Path(name).expanduser()
+    hint = "pass a folder saved with save_pretrained (model + tokenizer), 'toy', or a hub id such as " \
+           "Qwen/Qwen2.5-Math-1.5B"
+    if not path.exists():
+        if _looks_like_path(name):
+            raise ConfigError(f"--model {name} does not exist: {hint}")
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+                raise ConfigError(f"--model {name} is neither a local folder nor in the Hugging Face cache "
+                                  f"(HF_HUB_OFFLINE is set): {hint}")
+        return
+    if not path.is_dir():
+        raise ConfigError(f"--model {name} is a file: {hint}")
+    if (path / "checkpoints").is_dir():
+        raise ConfigError(f"--model {name} is a run folder: pass one of its checkpoints "
+                          f"({name}/checkpoints/step_...), or --out {name} --resume to continue it")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--model {name} has no config.json, so it is not a saved model: {hint}")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"--model {name} has no tokenizer (tokenizer.json / tokenizer_config.json): save it "
+                          f"there with tokenizer.save_pretrained({name!r})")
+
+
+def check_prompt_lengths(examples: list[dict], tokenizer, cfg: TrainConfig, context: int | None = None) -> None:
+    """Refuse a rendered prompt longer than `cfg.max_prompt_tokens`, or by default than the model's context
+    (`context`, e.g. model.config.max_position_embeddings; else the tokenizer's model_max_length): the
+    model knows no positions past it, and a huge prompt makes every step crawl (a 100k-character prompt
+    ran 4 minutes without output). Call it once the tokenizer is known and the prompts are rendered, before
+    any generation. (A prompt that fits but leaves less than max_new_tokens of context is not refused:
+    RoPE models still generate there, and papers' evaluation lengths often exceed a small model's context.)"""
+    limit, why = cfg.max_prompt_tokens, "--max-prompt-tokens"
+    if limit is None:
+        if context is None:
+            context = getattr(tokenizer, "model_max_length", None)
+            context = context if isinstance(context, int) and context < 10**7 else None  # 1e30: "unknown"
+        if context is None:
+            return
+        limit, why = context, "the model's context"
+    lengths = [len(ids) for ids in tokenizer([ex["prompt"] for ex in examples], add_special_tokens=True,
+                                             verbose=False)["input_ids"]] if examples else []
+    for i, n in enumerate(lengths):
+        if n > limit:
+            raise ConfigError(f"{dataset_label(cfg.dataset)} row {i + 1}: the prompt has {n} tokens, more than "
+                              f"{limit} ({why}); shorten or drop it, or raise --max-prompt-tokens")
+
+
+def dataset_label(dataset: str) -> str:
+    """How messages name a dataset: "dataset file x.jsonl" for a local file, else "dataset <name>"."""
+    return f"dataset file {dataset}" if Path(dataset).suffix in LOCAL_SUFFIXES else f"dataset {dataset}"
 
 
 # ====================================================================================================
@@ -307,7 +519,7 @@ KNOWN_DATASETS = {
 }
 _ALIASES = {alias: name for name, (aliases, *_) in KNOWN_DATASETS.items() for alias in (name.lower(), *aliases)}
 
-# The instruction every math template adds: verifier.py reads the last \boxed{...} (then "Answer:" lines).
+# The instruction every math template adds: verifier.py reads boxed answers first (--answer-mode).
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # The R1-Zero template (DeepSeek-R1 §2.2.1, used on base models by Dr. GRPO's "understand-r1-zero"), with
 # the answer asked for in \boxed{} instead of <answer> tags so that one verifier serves every template.
@@ -328,6 +540,82 @@ def _gsm8k_answer(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    return f"{e.msg}, line {e.lineno} column {e.colno}"
+
+
+def read_local_rows(path: Path) -> list[tuple[str, object]]:
+    """(where, row) for each row of a local .jsonl / .json / .parquet file, `where` being "line N" (.jsonl,
+    1-based, as an editor counts) or "row N". Unreadable or malformed files are refused with one line.
+
+    .jsonl: one JSON object per line. Blank (whitespace-only) lines are skipped — decision: they carry no
+    row (a trailing empty line is common) — but still counted, so an invalid line is named by its number
+    in the file. An invalid line is refused, never skipped. .json: an array of objects, a {column: [values]}
+    object, or JSON Lines (as `datasets` reads them)."""
+    label = dataset_label(str(path))
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return [(f"row {i + 1}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+        except Exception as e:  # ArrowInvalid (not parquet, truncated), OSError
+            first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""  # pyarrow's first sentence
+            raise ConfigError(f"{label} is not a parquet file or is damaged ({type(e).__name__}: {first}); "
+                              f"write it with pandas/datasets .to_parquet, or use a .jsonl file") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{label} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{label} could not be read: {e.strerror or e}") from None
+    if not text.strip():
+        raise ConfigError(f"{label} is empty: it needs rows with a question ('prompt') and an 'answer'")
+    lines = path.suffix == ".jsonl"
+    if not lines:  # .json
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data": one value per line, i.e. JSON Lines in a .json file
+                raise ConfigError(f"{label} is not valid JSON ({_json_error(e)}; truncated?): it must hold an "
+                                  f"array of {{\"prompt\": ..., \"answer\": ...}} objects") from None
+            lines = True
+        else:
+            if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()) \
+                    and len({len(v) for v in data.values()}) == 1:  # columns: {"prompt": [...], "answer": [...]}
+                data = [dict(zip(data, values)) for values in zip(*data.values())]
+            return [(f"row {i + 1}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{label} line {n} is not valid JSON ({e.msg}, column {e.colno}): each line must "
+                              f"be one {{\"prompt\": ..., \"answer\": ...}} object; fix or delete that line") from None
+    return out
+
+
+def _row_text(value, field: str, where: str, label: str, number_ok: bool) -> str:
+    """A row's question / answer as non-empty text, else one line naming the row. Decision: a row with an
+    empty or missing question or answer is refused (with its line / row number), never silently skipped:
+    a dataset that loses rows without a word trains on something else than its author thinks."""
+    fix = "fix or remove that row"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ConfigError(f"{label} {where}: {field!r} is null or missing; {fix}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float) if number_ok else str):
+        kind = {list: "a list", dict: "a dict", bool: "true/false"}.get(type(value), type(value).__name__)
+        raise ConfigError(f"{label} {where}: {field!r} must be text{' or a number' if number_ok else ''}, "
+                          f"got {kind}; {fix}")
+    text = str(value)
+    if not text.strip():
+        raise ConfigError(f"{label} {where}: {field!r} is empty; {fix}")
+    return text
+
+
 def load_prompts(cfg: TrainConfig, split: str | None = None) -> list[dict]:
     """A list of examples with at least "prompt" (the raw question), "answer" and "task" ("countdown" or
     "math"). Templates are applied later, when the tokenizer is known (`render_prompts`)."""
@@ -335,15 +623,26 @@ def load_prompts(cfg: TrainConfig, split: str | None = None) -> list[dict]:
     if cfg.dataset == "countdown":
         import toy
 
+        if split not in COUNTDOWN_SPLITS:  # a typo must not silently give the training prompts
+            raise ConfigError(f"--split must be one of {', '.join(COUNTDOWN_SPLITS)} for countdown, got {split!r}")
         return toy.load_split("heldout" if split in ("test", "heldout", "validation") else "train")
-    import datasets
-
     path = Path(cfg.dataset)
+    label = dataset_label(cfg.dataset)
     question_field, answer_field, answer_fn = "prompt", "answer", str
-    if path.suffix in (".jsonl", ".json", ".parquet"):
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise ConfigError(f"{label} does not exist" if not path.exists() else f"{label} is not a file")
+        located = read_local_rows(path)
+        for where, row in located:
+            if not isinstance(row, dict):
+                raise ConfigError(f"{label} {where}: expected an object with a question and an answer, got "
+                                  f"{type(row).__name__}; fix or remove that row")
+        places = [where for where, _ in located]
+        rows = [row for _, row in located]
+        columns = list(dict.fromkeys(k for row in rows for k in row))
     else:  # a hub dataset, for users with network access
+        import datasets
+
         name = known_dataset(cfg.dataset)
         config = cfg.dataset_config
         if name is not None:
@@ -360,7 +659,10 @@ def load_prompts(cfg: TrainConfig, split: str | None = None) -> list[dict]:
             raise ConfigError(f"could not load dataset {cfg.dataset!r} (config {config}, split {split!r}): "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} — check the "
                               f"name and network, or pass a local .jsonl/.parquet file") from None
-    columns = rows.column_names
+        columns = rows.column_names
+        places = [f"row {i + 1}" for i in range(len(rows))]
+    if not rows:
+        raise ConfigError(f"{label} has no rows")
     if question_field not in columns:
         question_field = next((f for f in ("prompt", "question", "problem") if f in columns), question_field)
     if answer_field not in columns and "solution" in columns:
@@ -370,15 +672,13 @@ def load_prompts(cfg: TrainConfig, split: str | None = None) -> list[dict]:
         raise ConfigError(f"dataset {cfg.dataset} lacks field(s) {missing}; each row needs a question "
                           f"('prompt', 'question' or 'problem') and an 'answer' (it has {columns})")
     examples = []
-    for i, row in enumerate(rows):
+    for i, (where, row) in enumerate(zip(places, rows)):
         ex = dict(row)
-        ex["prompt"] = str(ex[question_field])
-        ex["answer"] = answer_fn(str(ex[answer_field]))
+        ex["prompt"] = _row_text(ex.get(question_field), question_field, where, label, number_ok=False)
+        ex["answer"] = answer_fn(_row_text(ex.get(answer_field), answer_field, where, label, number_ok=True))
         ex.setdefault("task", "math")
         ex.setdefault("id", str(i))
         examples.append(ex)
-    if not examples:
-        raise ConfigError(f"dataset {cfg.dataset} has no rows")
     return examples
 
 
@@ -732,9 +1032,33 @@ def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: 
 # ====================================================================================================
 # Per-token quantities from one forward pass, computed over the vocabulary in chunks of rows
 # ====================================================================================================
-def _chunk_stats(h, lm_head, targets, temperature, want: set, minp_kappa: float, fixed_tau: float | None = None):
-    """Log-prob of `targets` (with grad if h requires grad) and detached extras for rows of `h`."""
-    logits = lm_head(h).float() / temperature  # [rows, V] in fp32
+def _chunk_stats(h, lm_head, targets, temperature, want: set, minp_kappa: float, fixed_tau: float | None = None,
+                 filter_logits: str = "raw"):
+    """Log-prob of `targets` (with grad if h requires grad) and detached extras for rows of `h`.
+
+    filter_logits (Lp-Reg's proxy at T ≠ 1, LpRegConfig.lp_filter_logits): "raw" decides the keep set on
+    the raw logits z before the division by T (official order: `apply_min_p`, then `div_(temperature)`),
+    "tempered" on z/T. Either way the kept tokens share softmax(z/T). At T = 1 both are the same."""
+    if filter_logits not in ("raw", "tempered"):
+        raise ValueError(f"filter_logits must be 'raw' or 'tempered', got {filter_logits!r}")
+
+    def proxy_dropped(z, lse_z):  # bool [rows, V]: what the proxy filter drops (logit space, fp32, spec L6)
+        # min-p keeps p ≥ κ·p_max; the fixed-τ ablation keeps p ≥ τ
+        if fixed_tau is not None:
+            threshold = lse_z + math.log(fixed_tau)
+        else:
+            threshold = z.max(dim=-1).values + math.log(minp_kappa)
+        return z < threshold.unsqueeze(-1)
+
+    raw = lm_head(h).float()  # [rows, V] in fp32
+    dropped = None
+    if "minp_proxy_logp" in want and filter_logits == "raw" and temperature != 1.0:
+        with torch.no_grad():  # a bool mask: the raw logits need not outlive the division below
+            z = raw.detach()
+            dropped = proxy_dropped(z, torch.logsumexp(z, dim=-1) if fixed_tau is not None else None)
+            del z
+    logits = raw / temperature
+    del raw
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     out = {"logp": target_logit - lse}
@@ -742,29 +1066,32 @@ def _chunk_stats(h, lm_head, targets, temperature, want: set, minp_kappa: float,
         if "entropy" in want:  # H = logsumexp(z) − Σ softmax(z) z
             out["entropy"] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
         if "minp_proxy_logp" in want:  # Lp-Reg Eq. 5: keep p ≥ κ·p_max, renormalise, filtered → −1e4
+            if dropped is None:  # T = 1 or the "tempered" order: the keep test on the tempered logits
+                dropped = proxy_dropped(logits, lse)
             row_max = logits.max(dim=-1).values
-            # min-p keeps p ≥ κ·p_max; the fixed-τ ablation keeps p ≥ τ (compared in logit space, fp32)
-            threshold = lse + math.log(fixed_tau) if fixed_tau is not None else row_max + math.log(minp_kappa)
             # log Z = log Σ_kept p: one [rows, V] temporary zeroed in place, not a masked copy of the
             # logits plus logsumexp's own buffer (measured: 1.36x -> 1.08x the plain pass at V = 152k)
             scaled = torch.sub(logits, row_max.unsqueeze(-1)).exp_()
-            scaled.masked_fill_(logits < threshold.unsqueeze(-1), 0.0)
+            scaled.masked_fill_(dropped, 0.0)
             log_z = torch.log(scaled.sum(-1)) + row_max - lse
             del scaled
-            token_kept = target_logit >= threshold
+            token_kept = ~dropped.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            del dropped
             out["minp_proxy_logp"] = torch.where(token_kept, (target_logit - lse) - log_z,
                                                  torch.full_like(lse, -1e4))
     return out
 
 
 def token_fields(model, batch: dict, temperature: float, want: set, with_grad: bool,
-                 chunk_rows: int = 4096, minp_kappa: float = 0.02, fixed_tau: float | None = None) -> dict:
+                 chunk_rows: int = 4096, minp_kappa: float = 0.02, fixed_tau: float | None = None,
+                 filter_logits: str = "raw") -> dict:
     """Per-token fields [S, T] for the response tokens of `batch` (and prompt log-probs if wanted).
 
     `want` ⊆ {"entropy", "minp_proxy_logp", "prompt_logp"}; "logp" is always returned (with grad when
     `with_grad`). The decoder runs once; the LM head + log-softmax run on chunks of `chunk_rows` valid
     token rows so that only [chunk_rows, V] logits exist at a time. With grad, each chunk is
-    checkpointed (its logits are recomputed in backward instead of being stored).
+    checkpointed (its logits are recomputed in backward instead of being stored). minp_kappa, fixed_tau
+    and filter_logits configure Lp-Reg's proxy (see `proxy_filter` and `_chunk_stats`).
     """
     input_ids, attn = batch["input_ids"], batch["attention_mask"]
     P = batch["prompt_len"]
@@ -780,7 +1107,8 @@ def token_fields(model, batch: dict, temperature: float, want: set, with_grad: b
         # logits at position t predict token t+1: response token j is predicted by position P-1+j
         h = hidden[:, P - 1:P - 1 + T][mask]
         targets = input_ids[:, P:][mask]
-        rows = _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kappa, with_grad, fixed_tau)
+        rows = _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kappa, with_grad, fixed_tau,
+                               filter_logits)
         out = {}
         for name, values in rows.items():
             full = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
@@ -800,13 +1128,16 @@ def token_fields(model, batch: dict, temperature: float, want: set, with_grad: b
 
 
 def proxy_filter(method_cfg) -> dict:
-    """Lp-Reg's proxy filter settings from a method config: min-p with κ (default), or fixed τ."""
+    """Lp-Reg's proxy filter settings from a method config: min-p with κ (default), or fixed τ, and
+    whether the keep test sees the raw logits (default, official order) or the tempered ones."""
     fixed = getattr(method_cfg, "lp_filter", "minp") == "fixed"
     return {"minp_kappa": getattr(method_cfg, "kappa", 0.02),
-            "fixed_tau": getattr(method_cfg, "lp_tau", None) if fixed else None}
+            "fixed_tau": getattr(method_cfg, "lp_tau", None) if fixed else None,
+            "filter_logits": getattr(method_cfg, "lp_filter_logits", "raw")}
 
 
-def _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kappa, with_grad, fixed_tau=None):
+def _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kappa, with_grad, fixed_tau=None,
+                    filter_logits="raw"):
     parts: dict[str, list] = {}
     for s in range(0, h.shape[0], chunk_rows):
         hs, ts = h[s:s + chunk_rows], targets[s:s + chunk_rows]
@@ -818,10 +1149,11 @@ def _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kap
             stats = {"logp": logp}
             if want:
                 with torch.no_grad():
-                    extra = _chunk_stats(hs.detach(), lm_head, ts, temperature, want, minp_kappa, fixed_tau)
+                    extra = _chunk_stats(hs.detach(), lm_head, ts, temperature, want, minp_kappa, fixed_tau,
+                                         filter_logits)
                 stats.update({k: v for k, v in extra.items() if k != "logp"})
         else:
-            stats = _chunk_stats(hs, lm_head, ts, temperature, want, minp_kappa, fixed_tau)
+            stats = _chunk_stats(hs, lm_head, ts, temperature, want, minp_kappa, fixed_tau, filter_logits)
         for k, v in stats.items():
             parts.setdefault(k, []).append(v)
     if not parts:  # no valid rows
@@ -914,8 +1246,15 @@ RESUME_KEYS = ("method", "model", "dataset", "prompts_per_step", "group_size", "
                "temperature", "top_p", "mini_batches")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...): one line for the user, the previous one intact."""
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sampler, method, cfg, dist: Dist,
-                    keep: int):
+                    keep: int, extra: dict | None = None):
+    """Write checkpoints/step_N atomically: every file (and, last, the manifest) into step_N.tmp, then one
+    rename. `extra` goes into trainer_state.pt (e.g. the skipped-step count). A failed write (ENOSPC, ...)
+    removes the tmp folder and raises CheckpointError; the earlier checkpoints are not touched."""
     rng_states = dist.gather_objects(rng_state())  # every rank's RNG, so multi-process resume is exact
     model_state = optim_state = None
     if dist.fsdp:  # gather full tensors (collective: every rank takes part), kept on rank 0's CPU only
@@ -930,20 +1269,140 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sampl
         return
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)  # HF format, full model
-    tokenizer.save_pretrained(tmp)
-    # FSDP2: the full optimiser state keyed by parameter name; otherwise torch's own (keyed by index)
-    torch.save(optim_state if dist.fsdp else optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "sampler": sampler.state_dict(), "rng": rng_states,
-                "method": method.state_dict(), "config": dataclasses.asdict(cfg),
-                "method_config": dataclasses.asdict(method.cfg)}, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # atomic: a crash leaves either the old or the new checkpoint, never half
-    for old in sorted((run_dir / "checkpoints").glob("step_*[0-9]"))[:-keep] if keep > 0 else []:
+    from safetensors import SafetensorError
+
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # (left by a run killed inside its save)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)  # HF format, full model
+        tokenizer.save_pretrained(tmp)
+        # FSDP2: the full optimiser state keyed by parameter name; otherwise torch's own (keyed by index)
+        torch.save(optim_state if dist.fsdp else optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"step": step, "sampler": sampler.state_dict(), "rng": rng_states,
+                    "method": method.state_dict(), "config": dataclasses.asdict(cfg),
+                    "method_config": dataclasses.asdict(method.cfg), **(extra or {})}, tmp / "trainer_state.pt")
+        write_manifest(tmp)  # last: what --resume verifies the files against
+        shutil.rmtree(final, ignore_errors=True)  # (only a damaged one that --resume skipped is replaced)
+        os.replace(tmp, final)  # atomic: a crash leaves either the old or the new checkpoint, never half
+    except (OSError, RuntimeError, SafetensorError) as e:
+        # the writers report a full disk as OSError (ENOSPC), torch.save as RuntimeError ("file write
+        # failed"), safetensors as its own error naming StorageFull: one line instead of a traceback, and
+        # the partial folder removed (it can be as large as the model)
+        shutil.rmtree(tmp, ignore_errors=True)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text
+        reason = "no space left on device" if full else f"could not write ({type(e).__name__}: {text[:200]})"
+        # (a newer one can exist only as a damaged one that --resume skipped: not the one to point to)
+        previous = max((c for c in (run_dir / "checkpoints").glob("step_*[0-9]") if c.name < final.name),
+                       default=None)
+        raise CheckpointError(f"{reason} while saving checkpoint step {step} to {final}; " +
+                              (f"the previous checkpoint {previous} is intact" if previous else
+                               "there is no earlier checkpoint")) from e
+    # keep the newest `keep` up to this one; newer ones (damaged ones a --resume skipped) are not counted,
+    # so they never push out an intact checkpoint, and are replaced when training reaches their step
+    ckpts = [c for c in sorted((run_dir / "checkpoints").glob("step_*[0-9]")) if c.name <= final.name]
+    for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+MANIFEST = "manifest.json"  # in each checkpoint: {"format": 1, "files": {name: {"size": bytes, "sha256": hex}}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Size and sha256 of every file of a checkpoint folder, written after them: a checkpoint damaged
+    later (truncated copy, disk error, flipped byte) no longer matches it, and --resume skips it."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why --resume cannot use `ckpt` (a phrase naming the bad file), or None when it verifies: each file of
+    its manifest present with the recorded size and sha256, and every weight finite (a checkpoint of a
+    diverged run verifies, but training cannot continue from it).
+
+    A checkpoint without a manifest was saved before manifests existed: it is accepted (the caller warns
+    that its files are not verified); its weights must still load and be finite, and its optimizer.pt and
+    trainer_state.pt exist and be non-empty."""
+    manifest = ckpt / MANIFEST
+    if manifest.exists():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+            expected = {name: (int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{MANIFEST} is unreadable"
+        for name, (size, sha) in expected.items():
+            path = ckpt / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, its manifest says {size} (truncated?)"
+            if _sha256(path) != sha:
+                return f"{name} does not match its sha256 in {MANIFEST} (changed after the save)"
+    else:
+        for name in ("optimizer.pt", "trainer_state.pt"):
+            if not (ckpt / name).is_file() or (ckpt / name).stat().st_size == 0:
+                return f"{name} is missing or empty"
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        return "model.safetensors is missing"
+    from safetensors import safe_open
+
+    for path in weights:
+        bad = None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # one tensor at a time: no second copy of the model in memory
+                    tensor = f.get_tensor(key)
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        bad = key
+                        break
+        except Exception as e:  # noqa: BLE001 -- a damaged file raises safetensors' own error types
+            return f"{path.name} does not load ({type(e).__name__})"
+        if bad is not None:
+            return f"{path.name} holds non-finite weights ({bad})"
+    return None
+
+
+def resume_checkpoint(run_dir: Path, verbose: bool) -> tuple[Path, dict]:
+    """The newest checkpoint of the run that verifies (checkpoint_problem) and whose trainer state loads,
+    with that state. Each one skipped gets a warning line naming the bad file; none left is a ConfigError."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*[0-9]"), reverse=True)
+    if not ckpts:
+        raise ConfigError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
+    for ckpt in ckpts:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            try:
+                state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+                _ = state["step"], state["config"]  # the keys resume needs (missing: skipped)
+            except Exception as e:  # noqa: BLE001 -- unpickling a damaged file can raise nearly anything
+                problem = f"trainer_state.pt does not load ({type(e).__name__})"
+        if problem is None:
+            if verbose and not (ckpt / MANIFEST).exists():
+                _warn(f"checkpoint {ckpt} has no {MANIFEST} (saved by an older version): its files are not "
+                      f"verified")
+            return ckpt, state
+        if verbose:
+            _warn(f"skipping checkpoint {ckpt}: {problem}")
+    raise ConfigError(f"--resume: no intact checkpoint in {run_dir / 'checkpoints'} (see the warnings above); "
+                      f"start over with --overwrite or choose another --out")
+
+
+def _warn(message: str) -> None:
+    """One line on stderr (above a progress bar, if one is drawn)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -960,11 +1419,106 @@ def check_resume_compatible(state: dict, cfg: TrainConfig, method) -> None:
               if getattr(method.cfg, k, None) != v]
     if diffs:
         raise ConfigError("--resume of an incompatible run (" + "; ".join(diffs[:4]) + "); use a new --out")
+    if cfg.steps < state["step"]:  # (fit would run no step and save nothing: say so before the model loads)
+        raise ConfigError(f"--resume: the checkpoint is at step {state['step']}, beyond --steps {cfg.steps} "
+                          f"(--steps is the run's total, not the steps still to run); give --steps >= "
+                          f"{state['step']}")
+
+
+# ====================================================================================================
+# The run folder: one training at a time, and never a fresh run on top of an earlier one
+# ====================================================================================================
+LOCK_FILE = ".lock"  # in the run folder: flock'ed by the training that writes it, holds that one's pid
+_PROBE_PREFIX = ".write-test-"
+
+
+def open_run_folder(run_dir: Path, resume: bool, overwrite: bool):
+    """Create and probe --out, lock it for this training, and refuse to mix two runs in it; rank 0, before
+    the model loads (every refusal is one ConfigError line). Returns the open lock file.
+
+    The lock is an exclusive non-blocking flock on <run>/.lock: held while the file is open, dropped by the
+    kernel when the process ends however it ends (kill -9 included), so a stale .lock file never blocks.
+    The file itself stays (removing it would let a waiting opener lock a file no longer in the folder).
+    A folder holding anything besides it is an earlier run: only --resume continues it; --overwrite
+    deletes its contents first."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other (--overwrite deletes the run that "
+                          "--resume would continue)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is an existing file, not a folder; choose another --out")
+    if resume and not run_dir.exists():  # (do not create a folder just to report it empty)
+        raise ConfigError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f"{_PROBE_PREFIX}{os.getpid()}"  # can files be created here (read-only, full)?
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        lock = open(run_dir / LOCK_FILE, "a+")  # "a+": opening must not erase the holder's pid
+    except OSError as e:
+        raise ConfigError(f"cannot write to run folder {run_dir} ({e.strerror or e}); choose another --out")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise ConfigError(f"run folder {run_dir} is in use by another training (pid {holder}); wait for it to "
+                          f"finish or choose another --out")
+    except OSError as e:  # e.g. a file system without flock
+        lock.close()
+        raise ConfigError(f"cannot lock run folder {run_dir} ({e.strerror or e}); choose another --out")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    earlier = sorted(p.name for p in run_dir.iterdir()
+                     if p.name != LOCK_FILE and not p.name.startswith(_PROBE_PREFIX))
+    if earlier and not resume:
+        if not overwrite:
+            lock.close()
+            listed = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise ConfigError(f"run folder {run_dir} already holds a run ({listed}); continue it with --resume, "
+                              f"start over with --overwrite (deletes it) or choose another --out")
+        try:
+            for name in earlier:
+                path = run_dir / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        except OSError as e:
+            lock.close()
+            raise ConfigError(f"--overwrite: cannot clear run folder {run_dir} ({e.strerror or e})")
+    return lock
+
+
+def close_run_folder(lock) -> None:
+    """Release the run folder's lock (the end of the run)."""
+    if lock is not None and not lock.closed:
+        lock.close()
 
 
 # ====================================================================================================
 # Metrics sinks
 # ====================================================================================================
+def json_safe(value):
+    """Metrics as strict JSON: non-finite floats become null (json.dumps would write bare NaN / Infinity,
+    which Python reads but JSON parsers, jq and pandas' strict mode do not). A null grad_norm marks a
+    step whose optimiser step was skipped (see skipped_steps)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def step_was_skipped(grad_norm) -> bool:
+    """update() skips the optimiser step iff the gradient norm is not finite (null once in metrics.jsonl)."""
+    return grad_norm is None or (isinstance(grad_norm, float) and not math.isfinite(grad_norm))
+
+
 class Logger:
     """metrics.jsonl (always) + TensorBoard (default) + wandb (opt-in); rank 0 only."""
 
@@ -972,12 +1526,26 @@ class Logger:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = self.wandb = None
+        self.skipped_steps = 0  # rows kept with a skipped step (for checkpoints saved before the count)
         if not enabled:
             return
         if self.path.exists():  # drop lines past the checkpoint we resume from (a crash after it)
-            lines = [ln for ln in self.path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+            rows, torn = [], 0
+            for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                try:  # (the bare NaN of older versions still parses here, and is rewritten as null)
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if not isinstance(row, dict):  # a line cut short by a crash (or a full disk) while written
+                    torn += 1
+                elif row.get("step", 0) <= resume_step:
+                    rows.append(row)
+            if torn:
+                _warn(f"{self.path}: skipped {torn} unreadable line(s), cut short by a crash while written")
+            self.path.write_text("".join(json.dumps(json_safe(row), allow_nan=False) + "\n" for row in rows))
+            self.skipped_steps = sum(step_was_skipped(row.get("grad_norm", 0.0)) for row in rows)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -992,7 +1560,7 @@ class Logger:
             return
         record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         if self.tb:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and v is not None:
@@ -1021,17 +1589,21 @@ class Trainer:
         unknown = self.needs - KNOWN_NEEDS
         assert not unknown, f"method declares unknown needs {unknown}"
         self.run_dir = Path(cfg.out)
-        # --- resume: check compatibility before any expensive work ---
+        # --- data (cheap, and validated before the run folder is touched and the model is loaded) ---
+        self.examples = load_prompts(cfg)
+        # --- the run folder (rank 0): created, probed, locked for this training and checked for an earlier
+        # run before any expensive work; the lock is released at the end of fit (or when the process ends) ---
+        self._run_lock = open_run_folder(self.run_dir, cfg.resume, cfg.overwrite) if self.dist.is_main else None
+        # --- resume: the newest intact checkpoint, compatibility, before any expensive work ---
         self.start_step, resume_state = 0, None
         if cfg.resume:
-            ckpt = latest_checkpoint(self.run_dir)
-            if ckpt is None:
-                raise ConfigError(f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}")
-            resume_state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-            check_resume_compatible(resume_state, cfg, self.method)
+            try:
+                ckpt, resume_state = resume_checkpoint(self.run_dir, verbose=self.dist.is_main)
+                check_resume_compatible(resume_state, cfg, self.method)
+            except BaseException:
+                close_run_folder(self._run_lock)
+                raise
             self.start_step = resume_state["step"]
-        # --- data (cheap, and validated before the model is loaded) ---
-        self.examples = load_prompts(cfg)
         self.sampler = PromptSampler(len(self.examples), cfg.seed)
         # --- model ---
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -1039,6 +1611,12 @@ class Trainer:
         model_path = str(ckpt) if resume_state else cfg.model
         self.model, self.tokenizer = load_policy(model_path, self.device)
         self.examples = render_prompts(self.examples, self.tokenizer, cfg.prompt_template)
+        try:  # a prompt longer than the model's context: one line (and the run folder unlocked)
+            check_prompt_lengths(self.examples, self.tokenizer, cfg,
+                                 getattr(self.model.config, "max_position_embeddings", None))
+        except ConfigError:
+            close_run_folder(self._run_lock)
+            raise
         self.model.train()
         if cfg.gradient_checkpointing:  # (before sharding: FSDP2 wraps the checkpointed layers)
             enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
@@ -1081,6 +1659,9 @@ class Trainer:
             # each rank samples different responses; the seed fixes all of them
             set_seed(cfg.seed * 1000 + self.dist.rank)
         self.logger = Logger(self.run_dir, cfg, self.dist.is_main, self.start_step)
+        # steps whose optimiser step update() skipped (non-finite gradient norm), over the whole run: kept in
+        # the checkpoint; for checkpoints saved before the count, counted from the metrics rows kept
+        self.skipped_steps = resume_state.get("skipped_steps", self.logger.skipped_steps) if resume_state else 0
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(
@@ -1100,7 +1681,7 @@ class Trainer:
         t_gen = time.perf_counter() - t0
         t0 = time.perf_counter()
         texts = tok.batch_decode(responses, skip_special_tokens=True)
-        results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(G)])
+        results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(G)], mode=cfg.answer_mode)
         raw = {"prompt_indices": local, "examples": examples, "prompt_ids": prompt_ids,
                "responses": responses, "texts": texts, "results": results,
                "time_generate": t_gen, "time_score": time.perf_counter() - t0}
@@ -1182,9 +1763,12 @@ class Trainer:
         n_seqs = dist.sum(len(counted))
         norm = Normaliser(n_tokens, n_seqs, cfg.max_new_tokens, dist.world)
         # Batch-level preparation (e.g. Lp-Reg's token selection over the whole optimisation batch) needs
-        # π_old's per-token fields of every row before the first backward. They come from the prepass,
-        # or, when the optimisation batch is a single forward on every rank (train_step decided), from
-        # that forward itself: no extra pass on-policy.
+        # per-token fields of every row before the first backward. They come from the prepass, or, when
+        # the optimisation batch is a single forward on every rank (train_step decided), from that forward
+        # itself: no extra pass on-policy. Field names say which policy: "old_logp", "entropy",
+        # "minp_proxy_logp", "prompt_logp" are π_old's (the rollout policy); "cur_logp" / "cur_entropy"
+        # are the current π_θ's, detached (train_step refreshes them before every mini-batch after the
+        # first; absent on the first, where π_θ = π_old).
         fused = method.needs_batch_fields and "fields" not in batch
         if method.needs_batch_fields and not fused:
             method.prepare_update(batch, rows, dist)
@@ -1221,7 +1805,9 @@ class Trainer:
             mb.setdefault("old_logp", fields["logp"].detach())
             for k, v in fields.items():
                 if k != "logp":
-                    mb.setdefault(k, v)
+                    mb.setdefault(k, v)  # π_old's from the prepass when there is one, else this forward's
+            if "entropy" in fields:  # this forward's entropy is always π_θ's (SENT micro-batch scope, S11)
+                mb["cur_entropy"] = fields["entropy"]
             if fused:
                 batch["fields"] = {}
                 place_fields(batch["fields"], batch, mb["rows"].cpu(),
@@ -1306,6 +1892,13 @@ class Trainer:
         for k in range(cfg.mini_batches):
             rows = list(range(k * per_mini, (k + 1) * per_mini)) if k < cfg.mini_batches - 1 else \
                 list(range(k * per_mini, n_seq))
+            if k > 0 and method.needs_batch_fields:
+                # Off-policy (--mini-batches > 1) a batch-level selection ranks by the *current* policy
+                # (Lp-Reg L4; SENT S11), and the parameters have moved since the prepass: one no-grad
+                # forward over this mini-batch's rows gives π_θ's detached "cur_logp" / "cur_entropy",
+                # next to π_old's "old_logp" / "entropy" / "minp_proxy_logp", which stay fixed (L5).
+                # The first mini-batch needs none: there π_θ = π_old and the methods fall back on old_*.
+                batch["fields"].update(self.prepass(batch, rows, current=True))
             m = self.update(batch, rows)
             for key, v in m.items():
                 if v is not None:
@@ -1331,10 +1924,21 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def prepass(self, batch: dict) -> dict:
-        """No-grad forward over the whole rollout batch before its first backward: π_old's fields."""
-        want = {n for n in ("entropy", "minp_proxy_logp", "prompt_logp") if n in self.needs}
-        rows = list(range(len(batch["texts"])))
+    def prepass(self, batch: dict, rows: list[int] | None = None, current: bool = False) -> dict:
+        """No-grad forward over the whole rollout batch before its first backward: π_old's fields
+        ("old_logp", and "entropy", "minp_proxy_logp", "prompt_logp" as the method needs them).
+
+        current=True (train_step, before every mini-batch after the first, for methods whose batch-level
+        selection ranks by the current policy: Lp-Reg L4, SENT S11): the same forward over `rows` only,
+        with the parameters as they are now, giving π_θ's detached "cur_logp" (and "cur_entropy" if the
+        method needs entropy). π_old's proxy and prompt log-probs are not recomputed (spec L5: they stay
+        π_old's). Every rank calls it together (FSDP2: matched forwards), with or without rows.
+        """
+        if current:
+            want = {"entropy"} & set(self.needs)
+        else:
+            want = {n for n in ("entropy", "minp_proxy_logp", "prompt_logp") if n in self.needs}
+        rows = list(range(len(batch["texts"]))) if rows is None else list(rows)
         out: dict[str, torch.Tensor] = {}
         micro_batches = split_micro_batches(batch, rows, self.cfg.micro_batch_tokens) if rows else []
         for _ in range(pad_forwards(self.dist, len(micro_batches))):  # FSDP2: matched forwards
@@ -1347,7 +1951,10 @@ class Trainer:
                 fields = token_fields(self.model, mb, self.cfg.temperature, want, with_grad=False,
                                       chunk_rows=self.cfg.logit_chunk_rows,
                                       **proxy_filter(self.method.cfg))
-            fields["old_logp"] = fields.pop("logp")
+            if current:
+                fields = {f"cur_{k}": v for k, v in fields.items()}
+            else:
+                fields["old_logp"] = fields.pop("logp")
             place_fields(out, batch, idx, fields)
         return out
 
@@ -1393,6 +2000,12 @@ class Trainer:
         for step in bar:
             metrics = self.train_step(step)
             done = step + 1
+            if step_was_skipped(metrics.get("grad_norm", 0.0)):  # update() did not step the optimiser
+                self.skipped_steps += 1
+                if self.dist.is_main:
+                    _warn(f"step {done}: gradient norm {metrics['grad_norm']}, the optimiser step was skipped "
+                          f"({self.skipped_steps} skipped so far; metrics.jsonl: skipped_steps)")
+            metrics["skipped_steps"] = self.skipped_steps
             if cfg.eval_every and done % cfg.eval_every == 0:
                 import eval as evaluation
 
@@ -1405,8 +2018,15 @@ class Trainer:
                             entropy=f"{metrics.get('entropy') or 0:.3f}",
                             distinct=f"{metrics['distinct_correct']:.2f}")
             if done % cfg.save_every == 0 or done == cfg.steps:
-                save_checkpoint(self.run_dir, done, self.model, self.tokenizer, self.optimizer, self.sampler,
-                                self.method, cfg, self.dist, cfg.keep_checkpoints)
+                try:
+                    save_checkpoint(self.run_dir, done, self.model, self.tokenizer, self.optimizer, self.sampler,
+                                    self.method, cfg, self.dist, cfg.keep_checkpoints,
+                                    extra={"skipped_steps": self.skipped_steps})
+                except CheckpointError as e:  # (rank 0) one line, not a traceback; the run cannot go on
+                    bar.close()
+                    self.logger.close()
+                    close_run_folder(self._run_lock)
+                    raise SystemExit(f"error: {e}") from None
         summary = {}
         if cfg.final_eval:
             # the held-out evaluation of the final policy (already done if --eval-every hit the last step)
@@ -1417,6 +2037,7 @@ class Trainer:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
                 evaluation.plot_run(self.run_dir)
         self.logger.close()
+        close_run_folder(self._run_lock)  # the run folder is complete: another training may take it
         return summary
 
     def eval_examples(self) -> list[dict]:
@@ -1437,7 +2058,7 @@ class Trainer:
         try:
             result = evaluation.evaluate_policy(self.rollout, self.tokenizer, self.eval_examples(),
                                                 self.cfg.eval_samples, self.cfg.temperature, self.cfg.top_p,
-                                                self.cfg.max_new_tokens,
+                                                self.cfg.max_new_tokens, answer_mode=self.cfg.answer_mode,
                                                 seed=12345, dist=self.dist, diversity=self.cfg.eval_diversity,
                                                 entropy_model=self.model)
         finally:
@@ -1467,8 +2088,10 @@ def _add_dataclass_args(parser, cls_or_obj, prefix: str | None = None, dest_pref
             assert not f.name.startswith("no_"), f"boolean field {f.name!r}: name it positively"
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _parse_value
-        parser.add_argument(*names, help=f"(default: {default})", **kwargs)
+            kwargs["type"] = str  # the text; parse_args / build_method parse it as the field's declared type
+        note = f.metadata.get("help")
+        parser.add_argument(*names, help=f"{note} (default: {default})" if note else f"(default: {default})",
+                            **kwargs)
 
 
 def _parse_value(text: str):
@@ -1484,12 +2107,22 @@ def _parse_value(text: str):
     return text
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a ConfigError ("argument --n: invalid int value: 'abc' (see --help)"),
+    reported as one line by the caller, instead of the whole usage text."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, dict]:
-    pre = argparse.ArgumentParser(add_help=False)
+    """The command line as a TrainConfig and the method's hyperparameter overrides, every value parsed as its
+    field's declared type (ConfigError naming the flag otherwise)."""
+    pre = OneLineParser(add_help=False)
     pre.add_argument("--method", default=TrainConfig.method)
     known, _ = pre.parse_known_args(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_dataclass_args(parser.add_argument_group("training"), TrainConfig)
     method_defaults = method_config_defaults(known.method)  # ConfigError for unknown / missing methods
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -1498,9 +2131,27 @@ def parse_args(argv=None) -> tuple[TrainConfig, dict]:
     assert not clash, f"method field names clash with TrainConfig: {clash}"
     _add_dataclass_args(group, method_defaults, prefix=known.method, dest_prefix="method__")
     args = vars(parser.parse_args(argv))
-    method_overrides = {k[len("method__"):]: v for k, v in args.items() if k.startswith("method__")}
-    cfg = TrainConfig(**{k: v for k, v in args.items() if not k.startswith("method__")})
+    method_overrides = coerce_fields(type(method_defaults), {k[len("method__"):]: v for k, v in args.items()
+                                                             if k.startswith("method__")}, prefix=known.method)
+    cfg = TrainConfig(**coerce_fields(TrainConfig, {k: v for k, v in args.items() if not k.startswith("method__")}))
     return cfg, method_overrides
+
+
+def report_config_error(e: ConfigError, grace_s: float = 5.0) -> None:
+    """"error: ..." on stderr once, and leave the process group. Under torchrun every rank meets the same bad
+    input: rank 0 prints it; another rank waits `grace_s` for torchrun to stop it after rank 0's exit
+    (leaving then with code 2, not -15) and prints the error itself only if it is still running, i.e.
+    if rank 0 did not fail the same way."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if rank != 0 and world > 1:
+        import signal
+
+        sys.stderr.flush()
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+        time.sleep(grace_s)
+    print(f"error: {e}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -1510,9 +2161,13 @@ def main(argv=None) -> int:
             import transformers
 
             transformers.utils.logging.disable_progress_bar()
+        # the checks that need no process group first: under torchrun a rank that exits while another
+        # is still joining the group would give that one a gloo/NCCL traceback (Trainer repeats them)
+        validate(resolve_defaults(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+        build_method(cfg.method, overrides)
         trainer = Trainer(cfg, overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_config_error(e)
         return 2
     summary = trainer.fit()
     if trainer.dist.is_main and summary:

@@ -96,10 +96,44 @@ def test_loop_chunk_stats_match_the_reference_on_hand_built_logits(kappa):
     logits[2, 4] = logits[2, 3] + math.log(kappa)  # exactly on the boundary
     targets = torch.tensor([5, 7, 4, 0, 1, 2, 3, 4, 5])
     for temperature in (1.0, 0.7):
-        out = train._chunk_stats(logits, _Identity(), targets, temperature, {"minp_proxy_logp"}, kappa)
-        ref = lpreg.minp_proxy_logp(logits / temperature, targets, kappa)
-        torch.testing.assert_close(out["minp_proxy_logp"], ref, atol=1e-5, rtol=1e-5)
+        for order in lpreg.FILTER_LOGITS:  # the keep test on the raw (default) or the tempered logits
+            out = train._chunk_stats(logits, _Identity(), targets, temperature, {"minp_proxy_logp"}, kappa,
+                                     filter_logits=order)
+            ref = lpreg.minp_proxy_logp(logits, targets, kappa, temperature=temperature, filter_logits=order)
+            torch.testing.assert_close(out["minp_proxy_logp"], ref, atol=1e-5, rtol=1e-5)
     assert (ref == lpreg.FILTERED_LOGP).any() and (ref > lpreg.FILTERED_LOGP).any()
+
+
+def test_proxy_at_temperature_filters_the_raw_logits_then_tempers():
+    """Spec L6 / official order at T ≠ 1: K = {v : z_v − z_max ≥ ln κ} on the RAW logits, then the proxy
+    renormalises softmax(z/T) over K. Raw differences (0, −3, −5) against ln 0.02 = −3.912:
+      T = 0.5: raw keeps {0, 1}; tempered (0, −6, −10) would keep {0} only;
+      T = 2:   raw keeps {0, 1}; tempered (0, −1.5, −2.5) would keep all three."""
+    z = torch.tensor([[0.0, -3.0, -5.0]]).expand(3, 3)
+    targets = torch.arange(3)
+    for T, tempered_keeps in ((0.5, [True, False, False]), (2.0, [True, True, True])):
+        zt = [0.0, -3.0 / T, -5.0 / T]
+        kept_mass = math.exp(zt[0]) + math.exp(zt[1])  # renormalise over K = {0, 1} (raw order)
+        expected = [zt[0] - math.log(kept_mass), zt[1] - math.log(kept_mass), F]
+        ref = lpreg.minp_proxy_logp(z, targets, 0.02, temperature=T)
+        loop = train._chunk_stats(z.clone(), _Identity(), targets, T, {"minp_proxy_logp"}, 0.02)["minp_proxy_logp"]
+        for got in (ref, loop):
+            torch.testing.assert_close(got, torch.tensor(expected), atol=1e-6, rtol=1e-6)
+        # the switch keeps the earlier order (keep test on z/T)
+        loop_t = train._chunk_stats(z.clone(), _Identity(), targets, T, {"minp_proxy_logp"}, 0.02,
+                                    filter_logits="tempered")["minp_proxy_logp"]
+        assert (loop_t > F).tolist() == tempered_keeps
+        torch.testing.assert_close(loop_t, lpreg.minp_proxy_logp(z, targets, 0.02, T, "tempered"))
+    # fixed τ = 0.04, raw order: softmax(z) = (0.947, 0.047, 0.006) keeps {0, 1} at any T; at T = 0.5 the
+    # tempered softmax(z/T) = (0.9975, 0.0025, 0.00005) would keep the argmax alone
+    for order, keeps in (("raw", [True, True, False]), ("tempered", [True, False, False])):
+        fixed = train._chunk_stats(z.clone(), _Identity(), targets, 0.5, {"minp_proxy_logp"}, 0.02,
+                                   fixed_tau=0.04, filter_logits=order)["minp_proxy_logp"]
+        assert (fixed > F).tolist() == keeps
+        torch.testing.assert_close(fixed, lpreg.fixed_proxy_logp(z, targets, 0.04, 0.5, order))
+    with pytest.raises(ValueError):
+        lpreg.LpReg(lpreg.LpRegConfig(lp_filter_logits="logits"))
+    assert train.proxy_filter(lpreg.LpRegConfig(lp_filter_logits="tempered"))["filter_logits"] == "tempered"
 
 
 def test_loop_token_fields_match_the_reference_on_a_tiny_model(tiny_model_dir):
@@ -394,6 +428,82 @@ def test_prepare_update_writes_the_selection_field_for_its_rows():
     assert _where(batch["fields"]["lp_selected"][[0, 2]].bool()) == [(0, 3)]
 
 
+def _select_and_loss(cfg, logp, old, proxy, adv, mask):
+    """The batch-scope pipeline as the loop runs it on a mini-batch after the first: prepare_update with
+    π_θ's detached "cur_logp" next to π_old's fields, then loss; returns (loss, ∂loss/∂logp, selection)."""
+    batch = {"response_mask": mask, "truncated": torch.zeros(mask.shape[0], dtype=torch.bool), "advantages": adv,
+             "fields": {"old_logp": old, "cur_logp": logp.detach().clone(), "minp_proxy_logp": proxy}}
+    method = lpreg.LpReg(cfg)
+    method.prepare_update(batch, list(range(mask.shape[0])), lpreg._OneProcess())
+    lp = logp.detach().clone().requires_grad_(True)
+    mb = {"logp": lp, "old_logp": old, "mask": mask, "advantages": adv, "minp_proxy_logp": proxy,
+          "lp_selected": batch["fields"]["lp_selected"], "truncated": batch["truncated"]}
+    loss, _ = method.loss(mb, Normaliser.of(mask))
+    loss.backward()
+    return loss.detach(), lp.grad, batch["fields"]["lp_selected"].bool()
+
+
+def test_off_policy_selection_ranks_by_the_current_logp_issue_repro():
+    """Spec L4: rank by the detached CURRENT log-prob (the official loss ranks each micro-batch by it);
+    the proxy stays π_old's (L5). π_old ranks tokens 0, 1 lowest; π_θ ranks 6, 7 lowest."""
+    logp = torch.tensor([[-5.0, -5.1, -5.2, -5.3, -5.4, -5.5, -5.6, -5.7]])
+    old = logp.clone()
+    old[0, 0], old[0, 1] = -5.9, -5.8
+    proxy = logp + torch.linspace(0.1, 0.8, 8)
+    cfg = lpreg.LpRegConfig(rho=0.25, lp_min_k=2)
+    loss, grad, selected = _select_and_loss(cfg, logp, old, proxy, torch.tensor([-1.0]), torch.ones(1, 8))
+    assert _where(selected) == [(0, 6), (0, 7)]
+    assert loss.item() == pytest.approx(1.401581, abs=1e-6)  # the official code's value (ours was 1.312491)
+    # on S the gradient is ρ/N·(−A) + (1 − π_proxy/π_θ)/N = (1 − e^d)/8 + 1/8 with d = 0.7, 0.8
+    torch.testing.assert_close(grad[0, 6:], (2 - torch.exp(torch.tensor([0.7, 0.8]))) / 8)
+
+
+def _reference_lpreg(logp, old, proxy, adv, mask, rho, min_k, beta=1.0, eps_low=1.0, eps_high=9.0):
+    """Spec "Token selection" + "Per-token loss", written out: Neg = valid ∧ A < 0, k = ⌊ρ|Neg|⌋ (none if
+    k < min_k), Low = the k Neg tokens with the smallest detached CURRENT logp, S = Low ∧ logp < proxy;
+    ℓ = max(−Aρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)) off S, −Aρ + β·k3 on S; token-mean."""
+    lp = logp.detach()
+    a = adv[:, None].expand_as(lp)
+    neg = mask.bool() & (a < 0)
+    k = int(math.floor(rho * int(neg.sum()) + 1e-9))
+    selected = torch.zeros_like(neg)
+    if k >= max(min_k, 1):
+        where = neg.nonzero()
+        lowest = where[torch.argsort(lp[neg])[:k]]
+        selected[lowest[:, 0], lowest[:, 1]] = True
+        selected &= (lp < proxy) & (proxy > F)
+    ratio = torch.exp(logp - old)
+    off = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+    d = torch.clamp(proxy - logp, -20, 20)
+    k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+    per_token = torch.where(selected, -a * ratio + beta * k3, off)
+    return (per_token * mask).sum() / mask.sum(), selected
+
+
+def test_off_policy_random_cases_match_the_spec_reference():
+    """768 random off-policy mini-batches (π_θ ≠ π_old): selection, loss and gradient = the reference."""
+    g = torch.Generator().manual_seed(14)
+    differ = 0
+    for case in range(768):
+        S, T = 4, 8
+        old = -torch.rand(S, T, generator=g) * 6
+        logp = old + torch.randn(S, T, generator=g) * 0.7  # the parameters moved since π_old
+        proxy = old + torch.rand(S, T, generator=g) * 0.5  # π_old's proxy: ≥ π_old's logp where kept
+        proxy[torch.rand(S, T, generator=g) < 0.1] = F
+        adv = torch.randn(S, generator=g)
+        mask = (torch.rand(S, T, generator=g) < 0.9).float()
+        rho, min_k = (0.1, 0.25, 0.5)[case % 3], 1 + case % 2
+        loss, grad, selected = _select_and_loss(lpreg.LpRegConfig(rho=rho, lp_min_k=min_k), logp, old, proxy,
+                                                adv, mask)
+        lp = logp.clone().requires_grad_(True)
+        ref_loss, ref_selected = _reference_lpreg(lp, old, proxy, adv, mask, rho, min_k)
+        ref_loss.backward()
+        if not (torch.equal(selected, ref_selected) and torch.allclose(loss, ref_loss, atol=1e-6)
+                and torch.allclose(grad, lp.grad, atol=1e-7)):
+            differ += 1
+    assert differ == 0, f"{differ} of 768 off-policy cases differ from the reference"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------
@@ -411,7 +521,8 @@ def test_defaults_and_config_errors(tmp_path, capsys):
         with pytest.raises(ValueError):
             lpreg.LpRegConfig(**bad)
     assert train.proxy_filter(lpreg.LpRegConfig(lp_filter="fixed", lp_tau=0.1)) == {"minp_kappa": 0.02,
-                                                                                     "fixed_tau": 0.1}
+                                                                                     "fixed_tau": 0.1,
+                                                                                     "filter_logits": "raw"}
     assert train.main(["--method", "lpreg", "--lp-scope", "gpu", "--out", str(tmp_path / "x")]) == 2
     assert "lp_scope" in capsys.readouterr().err
 
@@ -468,6 +579,42 @@ def test_selection_is_global_over_micro_batches(toy_model_dir, tmp_path, monkeyp
                        "--lp-min-k", "2", "--out", str(out), *QUICK]) == 0
     micro = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert len(budgets) > 1 and 0 <= micro["lp_n_selected"] <= sum(budgets)
+
+
+def test_second_mini_batch_selects_by_the_current_policy(toy_model_dir, tmp_path, monkeypatch):
+    """--mini-batches 2 (off-policy, spec L4/L5): the selection of each mini-batch ranks by the current
+    policy's log-probs, checked against a manual forward with the parameters of that moment; on the second
+    mini-batch they differ from π_old's (the first optimiser step moved them), while the proxy stays π_old's."""
+    ranked, manual = [], []
+    original_select, original_update = lpreg.select_tokens, train.Trainer.update
+
+    def select(logp, advantages, mask, proxy_logp, *args, **kwargs):
+        ranked.append((logp.clone(), mask.clone(), proxy_logp.clone()))
+        return original_select(logp, advantages, mask, proxy_logp, *args, **kwargs)
+
+    def update(self, batch, rows):
+        with torch.no_grad():
+            mb = train.to_device(train.slice_batch(batch, rows), self.device)
+            logp = train.token_fields(self.model, mb, self.cfg.temperature, set(), with_grad=False)["logp"].cpu()
+        t = logp.shape[1]
+        fields = batch["fields"]
+        manual.append((logp, fields["old_logp"][rows][:, :t].clone(), fields["minp_proxy_logp"][rows][:, :t].clone()))
+        return original_update(self, batch, rows)
+
+    monkeypatch.setattr(lpreg, "select_tokens", select)
+    monkeypatch.setattr(train.Trainer, "update", update)
+    out = tmp_path / "mini"
+    assert train.main(["--method", "lpreg", "--steps", "1", "--prompts-per-step", "4", "--group-size", "4",
+                       "--rho", "0.1", "--mini-batches", "2", "--seed", "3", "--out", str(out), *QUICK]) == 0
+    assert len(ranked) == len(manual) == 2
+    for k, ((logp, mask, proxy), (current, old, old_proxy)) in enumerate(zip(ranked, manual)):
+        t = current.shape[1]
+        m = mask[:, :t].bool()
+        assert m.any()
+        torch.testing.assert_close(logp[:, :t][m], current[m], atol=1e-5, rtol=1e-5)  # π_θ's, as it is now
+        torch.testing.assert_close(proxy[:, :t][m], old_proxy[m])  # π_old's proxy (L5)
+        moved = float((old - current)[m].abs().max())
+        assert (moved < 1e-5) if k == 0 else (moved > 1e-4), (k, moved)  # mini-batch 2: π_θ ≠ π_old
 
 
 # ---------------------------------------------------------------------------------------------------

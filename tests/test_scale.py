@@ -106,8 +106,10 @@ def test_math_training_step_with_r1_zero_template_on_local_data(tiny_model_dir, 
     out = tmp_path / "run"
     assert train.main(["--model", tiny_model_dir, "--dataset", str(path), "--prompt-template", "r1-zero",
                        "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "8",
-                       "--lr", "1e-3", "--out", str(out), *QUICK]) == 0
+                       "--lr", "1e-3", "--answer-mode", "strict", "--out", str(out), *QUICK]) == 0
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # strict: random tokens commit to no final answer (math-verify's default extraction would read any
+    # number the random text happens to contain, and the small golds here make a match likely)
     assert row["truncated_frac"] == 1.0 and row["reward_mean"] == 0.0
 
 

@@ -238,6 +238,46 @@ def test_cov_center_all():
     assert torch.allclose(sets["cov"][sets["low"]], expected[sets["low"]])
 
 
+def _release_coefficients(entropy, logp, advantages, mask, rho_cov):
+    """The release's coefficient map, written out from zldscr0/SENT `compute_policy_loss_low_entropy_kl_cov_v2`
+    (on the intended low-entropy tokens, see release_token_loss): T_low = torch.topk(entropy, ⌊0.8·|V|⌋,
+    largest=False); Cov = (A − mean)(logp − mean) over T_low in fp32; 0.2 on torch.topk(Cov, k) and then
+    0.05 on torch.topk(Cov, k, largest=False), written last."""
+    valid = mask.bool()
+    a = advantages.unsqueeze(-1).expand_as(logp)
+    low = torch.topk(entropy[valid], max(1, int(int(valid.sum()) * 0.8)), largest=False).indices
+    cells = valid.reshape(-1).nonzero().squeeze(-1)[low]
+    low_a, low_lp = a[valid].detach().float()[low], logp[valid].detach().float()[low]
+    cov = (low_a - low_a.mean()) * (low_lp - low_lp.mean())
+    k = max(1, int(len(cov) * rho_cov))
+    coef = torch.zeros(logp.numel())
+    coef[cells[torch.topk(cov, k, largest=True).indices]] = 0.2
+    coef[cells[torch.topk(cov, k, largest=False).indices]] = 0.05
+    return coef.view_as(logp)
+
+
+@pytest.mark.parametrize("rho_cov", [0.0002, 0.25])
+def test_release_tiers_when_top_and_bottom_covariance_sets_overlap(rho_cov):
+    """A constant over T_low (one all-correct group: A = 0) makes every Cov_t 0, so the top-k and bottom-k
+    sets coincide. The release writes 0.05 last: 0.05 wins, with torch.topk's choice among the ties."""
+    g = torch.Generator().manual_seed(3)
+    S, T = 4, 9
+    entropy, logp = torch.rand(S, T, generator=g), -torch.rand(S, T, generator=g) * 3
+    mask = torch.ones(S, T)
+    mask[2, 6:] = 0
+    adv = torch.zeros(S)
+    rel = sent_token_sets(entropy, logp, adv, mask, rho_cov=rho_cov, release=True)
+    beta = tier_betas(rel["tier"], 0.2, 0.05) * mask
+    expected = _release_coefficients(entropy, logp, adv, mask, rho_cov)
+    assert torch.equal(beta, expected)
+    k = max(1, int(int(rel["low"].sum()) * rho_cov))
+    assert int((beta == 0.05).sum()) == k and not (beta == 0.2).any()  # full overlap: no 0.2 left
+    assert torch.equal(rel["high"], beta == 0.2)
+    # paper mode is unchanged: T_hc (0.2) and the rest of T_low (0.05), no bottom set
+    paper = tier_betas(sent_token_sets(entropy, logp, adv, mask, rho_cov=rho_cov)["tier"], 0.2, 0.05) * mask
+    assert int((paper == 0.2).sum()) == k and int((paper == 0.05).sum()) == int(rel["low"].sum()) - k
+
+
 # ====================================================================================================
 # Loss (§4) and its reductions
 # ====================================================================================================
@@ -289,7 +329,8 @@ def test_kl_is_inactive_at_step_zero_and_active_elsewhere():
     mb = _mb(seed=1)
     l_s, g_s = _loss_and_grad(sent, mb)
     l_g, g_g = _loss_and_grad(grpo, mb)
-    tier = sent_token_sets(mb["entropy"], mb["old_logp"], mb["advantages"], mb["mask"], rho_cov=0.002)["tier"]
+    # micro-batch scope: the tiers come from the current policy's detached logp (S11)
+    tier = sent_token_sets(mb["entropy"], mb["logp"].detach(), mb["advantages"], mb["mask"], rho_cov=0.002)["tier"]
     beta = tier_betas(tier * mb["mask"], 0.2, 0.05)
     delta = mb["ref_logp"] - mb["logp"].detach()
     expected = beta * (1 - torch.exp(delta)) * mb["mask"] / mb["mask"].sum()
@@ -318,6 +359,41 @@ def test_release_compat_at_ratio_one():
     per_token, _ = release_token_loss(lp, torch.tensor([[-1.5, -2.0]]), lp.detach(), torch.tensor([2.0]),
                                       torch.tensor([[0.2, 0.05]]))
     assert torch.allclose(per_token.detach(), torch.tensor([[-2.0 * math.exp(0.5) + 0.2 * 0.5, -2.0]]))
+
+
+def _release_reference_loss(mb, rho_cov):
+    """The release's micro-batch loss from the CURRENT forward (its entropy and detached logp), π_old only
+    in the ratio and the |Δlogp| penalty: −A·ρ + c·|logp − old_logp|, token-mean, + 0.001·token-mean(k3)."""
+    logp, old, m = mb["logp"], mb["old_logp"], mb["mask"]
+    coef = _release_coefficients(mb["cur_entropy"], logp, mb["advantages"], m, rho_cov)
+    a = mb["advantages"].unsqueeze(-1).expand_as(logp)
+    per_token = -a * torch.exp(logp - old) + coef * (logp - old).abs()
+    d = torch.clamp(mb["ref_logp"] - logp, -20, 20)
+    k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+    return (per_token * m).sum() / m.sum() + 0.001 * (k3 * m).sum() / m.sum()
+
+
+def test_release_off_policy_uses_the_current_forward_and_matches_the_release():
+    """--release-compat on an update after the first (π_θ ≠ π_old): T_low and the covariance come from the
+    current forward's entropy ("cur_entropy") and detached logp, not from π_old's prepass ("entropy",
+    "old_logp"), as the release recomputes both in every micro-batch; overlaps get 0.05."""
+    differ, max_diff = 0, 0.0
+    for case in range(96):
+        mb = _mb(seed=100 + case)
+        g = torch.Generator().manual_seed(case)
+        mb["cur_entropy"] = (mb["entropy"] + torch.randn(mb["entropy"].shape, generator=g) * 0.2).abs()
+        if case % 4 == 0:  # one all-correct group in the micro-batch: A = 0, Cov ≡ 0 (overlap)
+            mb["advantages"] = torch.zeros_like(mb["advantages"])
+        rho_cov = (None, 0.25, 0.5)[case % 3]
+        sent = SENT(SENTConfig(release_compat=True, rho_cov=rho_cov))
+        loss, grad = _loss_and_grad(sent, mb)
+        ref_mb = dict(mb, logp=mb["logp"].detach().clone().requires_grad_(True))
+        ref = _release_reference_loss(ref_mb, sent.cfg.cov_fraction)
+        ref.backward()
+        diff = float((grad - ref_mb["logp"].grad).abs().max())
+        max_diff = max(max_diff, diff)
+        differ += not (diff <= 1e-7 and float(loss) == pytest.approx(float(ref.detach()), abs=1e-6))
+    assert differ == 0, f"{differ} of 96 cases differ (max |Δgrad| {max_diff:.2e})"
 
 
 def test_batch_scope_prepare_update_selects_over_the_whole_batch():
@@ -449,6 +525,43 @@ def test_resume_across_a_stage_boundary_is_bit_exact(toy_model_dir, tmp_path, st
     drop = ("time_generate", "time_score", "time_update", "time_step", "rollout_tokens_per_s")  # wall-clock
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]
     assert strip(_metrics(straight)) == strip(_metrics(resumed))
+
+
+def test_second_mini_batch_tiers_come_from_the_current_policy(toy_model_dir, tmp_path, monkeypatch):
+    """Batch scope with --mini-batches 2: T_low and the covariance of each mini-batch use the current
+    policy's entropy and logp (S11 over S8's "from the prepass"), checked against a manual forward with the
+    parameters of that moment; on the second mini-batch these differ from π_old's prepass values."""
+    import curriculum
+
+    seen, manual = [], []
+    original_sets, original_update = curriculum.sent_token_sets, train.Trainer.update
+
+    def sets(entropy, logp, *args, **kwargs):
+        seen.append((entropy.clone(), logp.clone()))
+        return original_sets(entropy, logp, *args, **kwargs)
+
+    def update(self, batch, rows):
+        with torch.no_grad():
+            mb = train.to_device(train.slice_batch(batch, rows), self.device)
+            f = train.token_fields(self.model, mb, self.cfg.temperature, {"entropy"}, with_grad=False)
+        m = mb["response_mask"].bool().cpu()  # mask_truncated is off: every response token counts
+        t = m.shape[1]
+        fields = batch["fields"]
+        manual.append((f["entropy"].cpu()[m], f["logp"].cpu()[m], fields["entropy"][rows][:, :t][m],
+                       fields["old_logp"][rows][:, :t][m]))
+        return original_update(self, batch, rows)
+
+    monkeypatch.setattr(curriculum, "sent_token_sets", sets)
+    monkeypatch.setattr(train.Trainer, "update", update)
+    out = tmp_path / "mini"
+    assert train.main(["--method", "sent", "--no-se-curriculum", "--steps", "1", "--prompts-per-step", "4",
+                       "--group-size", "4", "--mini-batches", "2", "--seed", "3", "--out", str(out), *QUICK]) == 0
+    assert len(seen) == len(manual) == 2
+    for k, ((entropy, logp), (cur_h, cur_lp, old_h, old_lp)) in enumerate(zip(seen, manual)):
+        torch.testing.assert_close(entropy[0].float(), cur_h, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logp[0].float(), cur_lp, atol=1e-5, rtol=1e-5)
+        moved = float((old_lp - cur_lp).abs().max())
+        assert (moved < 1e-5) if k == 0 else (moved > 1e-4 and not torch.allclose(old_h, cur_h)), (k, moved)
 
 
 def test_dsdr_with_the_semantic_entropy_curriculum(toy_model_dir, tmp_path):

@@ -40,14 +40,17 @@ def _direct_fields(model, batch, temperature, kappa):
     ids, attn, P = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float() / temperature
+        raw = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float()
+    logits = raw / temperature
     logprobs = torch.log_softmax(logits[:, P - 1:-1], dim=-1)
     targets = ids[:, P:]
     logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     probs = logprobs.exp()
     entropy = -(probs * logprobs).sum(-1)
-    pmax = probs.max(-1, keepdim=True).values
-    kept = probs >= kappa * pmax
+    # the min-p keep set from the raw logits (default lp_filter_logits="raw", the official order); the
+    # proxy then renormalises the tempered probabilities over it
+    raw_probs = torch.softmax(raw[:, P - 1:-1], dim=-1)
+    kept = raw_probs >= kappa * raw_probs.max(-1, keepdim=True).values
     z = (probs * kept).sum(-1)
     tok_kept = kept.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     proxy = torch.where(tok_kept, logp - z.log(), torch.full_like(logp, -1e4))
