@@ -453,7 +453,9 @@ class Dist:
         self.enabled = self.world > 1
         self.fsdp = False  # set by shard_model
         if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            # CUDA: NCCL for the model's tensors, and gloo beside it for the small CPU tensors that
+            # `sum`, `max` and `gather_objects` reduce (NCCL alone has no CPU backend and fails on them)
+            backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend=backend)
 
     @property
