@@ -41,7 +41,11 @@ import numpy as np
 import torch
 
 import verifier
+from data import collate
+from distributed import autocast, rng_state, set_rng_state, set_seed, to_device
+from forward import split_micro_batches, token_fields
 from grpo import GRPOConfig, Method, Normaliser, aggregate, clipped_surrogate, k3_kl
+from rollout import HFRollout, load_policy, resolve_model_path
 
 SE_WEIGHTS = ("prob", "count")
 STAGE_SPLITS = ("quantile", "threshold")
@@ -235,7 +239,7 @@ def stage_starts(total_steps: int, n_stages: int, stage_steps=None) -> list[int]
 
 
 class CurriculumSampler:
-    """The prompt order of the SE curriculum, with train.PromptSampler's interface.
+    """The prompt order of the SE curriculum, with data.PromptSampler's interface.
 
     `set_step(step)` (called by the loop before each rollout) moves to the stage of that step; within a
     stage the prompts are shuffled per pass with a seeded permutation of (seed, stage, pass) and
@@ -292,10 +296,8 @@ class CurriculumSampler:
 
 def _cache_path(ctx, ccfg: CurriculumConfig) -> tuple[Path, dict]:
     """run_dir/se_cache/se-<hash>.jsonl, keyed by everything that changes the samples (spec Pitfalls)."""
-    import train
-
     cfg = ctx.cfg
-    key = {"model": train.resolve_model_path(cfg.model), "dataset": cfg.dataset, "split": cfg.split,
+    key = {"model": resolve_model_path(cfg.model), "dataset": cfg.dataset, "split": cfg.split,
            "M": ccfg.se_samples, "seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p,
            "max_new_tokens": cfg.max_new_tokens, "chunk": cfg.gen_batch_prompts}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -320,25 +322,23 @@ def _read_cache(path: Path) -> dict[int, dict]:
 def _sample_chunk(model, tokenizer, cfg, examples: list[dict], M: int, device) -> list[dict]:
     """M samples per prompt from π_0 (T, top_p and max length of training), their extracted answers,
     clusters (shared "none" cluster; S3's switch is applied later) and mean token log-probs."""
-    import train
-
-    rollout = train.HFRollout(model, tokenizer, cfg, device)
+    rollout = HFRollout(model, tokenizer, cfg, device)
     prompt_ids = [tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"] for ex in examples]
     responses = rollout.generate(prompt_ids, M)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(M)], mode=cfg.answer_mode)
-    # mean log π_0(o_t | h_t) from the same chunked logits / T as training (train.token_fields)
-    batch = train.collate([p for p in prompt_ids for _ in range(M)], responses, tokenizer.pad_token_id,
-                          tokenizer.eos_token_id)
+    # mean log π_0(o_t | h_t) from the same chunked logits / T as training (forward.token_fields)
+    batch = collate([p for p in prompt_ids for _ in range(M)], responses, tokenizer.pad_token_id,
+                    tokenizer.eos_token_id)
     mean_logp = torch.zeros(len(responses), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for mb in train.split_micro_batches(batch, list(range(len(responses))), cfg.micro_batch_tokens):
+    for mb in split_micro_batches(batch, list(range(len(responses))), cfg.micro_batch_tokens):
         rows = mb["rows"]
-        mb = train.to_device(mb, device)
-        with train.autocast(device):
-            logp = train.token_fields(model, mb, cfg.temperature, set(), with_grad=False,
-                                      chunk_rows=cfg.logit_chunk_rows)["logp"].double().cpu()
+        mb = to_device(mb, device)
+        with autocast(device):
+            logp = token_fields(model, mb, cfg.temperature, set(), with_grad=False,
+                                chunk_rows=cfg.logit_chunk_rows)["logp"].double().cpu()
         mask = mb["response_mask"].double().cpu()
         mean_logp[rows] = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     model.train(was_training)
@@ -360,7 +360,6 @@ def compute_semantic_entropy(ctx, ccfg: CurriculumConfig) -> np.ndarray:
     RNG is restored afterwards, so the training run is the same with or without a cache. Ranks split
     every chunk and rank 0 writes.
     """
-    import train
     from tqdm.auto import tqdm
 
     cfg, dist, M = ctx.cfg, ctx.dist, ccfg.se_samples
@@ -385,8 +384,8 @@ def compute_semantic_entropy(ctx, ccfg: CurriculumConfig) -> np.ndarray:
         model = ctx.model
         if ctx.start_step > 0:
             usable = ctx.ref_model is not None and not cfg.ref_offload  # (offloaded: it lives on the CPU)
-            model = ctx.ref_model if usable else train.load_policy(cfg.model, ctx.device)[0]
-        saved_rng = train.rng_state()
+            model = ctx.ref_model if usable else load_policy(cfg.model, ctx.device)[0]
+        saved_rng = rng_state()
         chunk = cfg.gen_batch_prompts
         starts = sorted({(i // chunk) * chunk for i in todo})
         bar = tqdm(total=n, initial=n - len(todo), desc="semantic entropy", unit="prompt",
@@ -396,7 +395,7 @@ def compute_semantic_entropy(ctx, ccfg: CurriculumConfig) -> np.ndarray:
             for c, start in enumerate(starts):
                 idx = [i for i in range(start, min(start + chunk, n)) if i not in done]
                 mine = idx[dist.rank::dist.world]
-                train.set_seed(int(np.random.default_rng([cfg.seed, 7919, start]).integers(2**31)) + dist.rank)
+                set_seed(int(np.random.default_rng([cfg.seed, 7919, start]).integers(2**31)) + dist.rank)
                 recs = _sample_chunk(model, ctx.tokenizer, cfg, [ctx.examples[i] for i in mine], M, ctx.device) \
                     if mine else []
                 merged = {i: r for part in dist.gather_objects(list(zip(mine, recs))) for i, r in part}
@@ -412,7 +411,7 @@ def compute_semantic_entropy(ctx, ccfg: CurriculumConfig) -> np.ndarray:
                           f"ETA ~{dt * left / max(len(idx), 1):.0f}s for the other {left}", flush=True)
         finally:
             bar.close()
-            train.set_rng_state(saved_rng)
+            set_rng_state(saved_rng)
     se = np.zeros(n)
     for i in range(n):
         rec = done[i]

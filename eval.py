@@ -29,6 +29,13 @@ import numpy as np
 import torch
 
 import verifier
+from config import (MIN_TEMPERATURE, PROMPT_TEMPLATES, ROLLOUTS, TOY, ConfigError, OneLineParser, TrainConfig,
+                    check_model_path, check_vllm, resolve_defaults)
+from data import KNOWN_DATASETS, check_prompt_lengths, collate, load_prompts, render_prompts
+from distributed import autocast, dummy_batch, pad_forwards, to_device
+from forward import split_micro_batches, token_fields
+from rollout import HFRollout, VLLMRollout, load_policy, resolve_model_path
+from runfolder import latest_checkpoint
 
 # ====================================================================================================
 # Metrics (grpo spec §8)
@@ -522,27 +529,25 @@ def group_diversity(z: torch.Tensor, formula_sets: list[set[str]], only: list[bo
 def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int,
                    temperature: float, token_budget: int = 16384, dist=None) -> tuple[list[float], list[int]]:
     """Per sample: the sum over its tokens of the policy's entropy H(π(·|context)/T) and its token count,
-    from one no-grad forward of (prompt, response) in micro-batches (vocabulary in chunks, train.py)."""
-    import train
-
+    from one no-grad forward of (prompt, response) in micro-batches (vocabulary in chunks, forward.py)."""
     device = next(model.parameters()).device
     sums = torch.zeros(len(responses), dtype=torch.float64)
     was_training = model.training
     model.eval()
     micro_batches = []
     if responses:
-        batch = train.collate(prompt_ids, responses, pad_id, eos_id)
-        micro_batches = train.split_micro_batches(batch, list(range(len(responses))), token_budget)
+        batch = collate(prompt_ids, responses, pad_id, eos_id)
+        micro_batches = split_micro_batches(batch, list(range(len(responses))), token_budget)
     if dist is not None:  # FSDP2: as many forwards as the other ranks
-        for _ in range(train.pad_forwards(dist, len(micro_batches))):
-            train.token_fields(model, train.dummy_batch(pad_id, device), temperature, set(), with_grad=False)
+        for _ in range(pad_forwards(dist, len(micro_batches))):
+            token_fields(model, dummy_batch(pad_id, device), temperature, set(), with_grad=False)
     if not responses:
         model.train(was_training)
         return [], []
     for mb in micro_batches:
-        mb = train.to_device(mb, device)
-        with train.autocast(device):
-            entropy = train.token_fields(model, mb, temperature, {"entropy"}, with_grad=False)["entropy"]
+        mb = to_device(mb, device)
+        with autocast(device):
+            entropy = token_fields(model, mb, temperature, {"entropy"}, with_grad=False)["entropy"]
         sums[mb["rows"].cpu()] = (entropy.float() * mb["response_mask"]).sum(-1).double().cpu()
     model.train(was_training)
     return sums.tolist(), batch["lengths"].tolist()
@@ -551,7 +556,7 @@ def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]
 def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperature: float, top_p: float,
                     max_new_tokens: int, seed: int = 0, dist=None, diversity: bool = True,
                     entropy_model=None, top_k: int = 0, answer_mode: str = verifier.DEFAULT_MATH_MODE) -> dict:
-    """n samples per prompt from `rollout` (train.HFRollout or the vLLM engine), verified and scored.
+    """n samples per prompt from `rollout` (rollout.HFRollout or the vLLM engine), verified and scored.
 
     Reports, averaged over prompts: pass@k for k = 1, 2, 4, ..., n, avg@n, maj@n, distinct correct, and
     with `diversity` the semantic and formula diversity of all samples and of the correct ones (the same
@@ -841,10 +846,8 @@ def compare_runs(run_dirs: list, out: Path) -> str:
 
 
 def compare_main(argv) -> int:
-    import train
-
-    parser = train.OneLineParser(prog="eval.py compare",
-                                 description="one Markdown table and one figure for several run folders")
+    parser = OneLineParser(prog="eval.py compare",
+                           description="one Markdown table and one figure for several run folders")
     parser.add_argument("runs", nargs="+", help="train.py run folders (seeds of one setting are pooled)")
     parser.add_argument("--out", default="compare_out", help="folder for compare.md and compare.png")
     args = parser.parse_args(argv)
@@ -903,7 +906,7 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
         name, flags = parse_variant(m)
         try:
             method = train.build_method(name, train.parse_args(["--method", name, *variant_args(flags)])[1])
-        except (train.ConfigError, SystemExit) as e:
+        except (ConfigError, SystemExit) as e:
             raise SystemExit(f"error: study entry {m!r}: {e}")
         method_configs[m] = dataclasses.asdict(method.cfg)
     run_dirs = [out / f"{m.replace(':', '-').replace('=', '')}-s{s}" for m, s in plan]
@@ -928,7 +931,7 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
         variant = variant_args(flags)
         argv = ["--method", name, *variant, "--seed", str(seed), "--steps", str(steps), "--out", str(run_dir),
                 "--eval-every", str(eval_every), "--save-every", str(eval_every), "--no-progress", *train_args]
-        resume = train.latest_checkpoint(run_dir) is not None if run_dir.exists() else False
+        resume = latest_checkpoint(run_dir) is not None if run_dir.exists() else False
         if resume:
             argv.append("--resume")
         elif run_dir.exists():  # interrupted before its first checkpoint: nothing to keep, start it again
@@ -936,7 +939,7 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
         try:
             cfg, overrides = train.parse_args(argv)
             trainer = train.Trainer(cfg, overrides)
-        except train.ConfigError as e:
+        except ConfigError as e:
             raise SystemExit(f"error: {method} seed {seed}: {e}")
         bar.update(trainer.start_step)
         bar.set_description(f"study {method} seed {seed}")
@@ -956,10 +959,8 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
 
 
 def study_main(argv) -> int:
-    import train
-
-    parser = train.OneLineParser(prog="eval.py study", description=study.__doc__.split("\n\n")[0],
-                                 epilog="Arguments after -- go to train.py, e.g. -- --group-size 16")
+    parser = OneLineParser(prog="eval.py study", description=study.__doc__.split("\n\n")[0],
+                           epilog="Arguments after -- go to train.py, e.g. -- --group-size 16")
     parser.add_argument("--methods", default="grpo,dapo",
                         help="comma-separated train.py methods; variants as method:flag or method:key=value, "
                              "e.g. dsdr:no_global_diversity,dsdr:no_coupling,dsdr:tau=0")
@@ -1005,12 +1006,10 @@ def resolve_model(model: str) -> str:
     """A run folder → its latest checkpoint; anything else is passed to from_pretrained (or "toy")."""
     path = Path(model)
     if (path / "checkpoints").is_dir():
-        import train
-
-        ckpt = train.latest_checkpoint(path)
+        ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise train.ConfigError(f"run folder {model} has no checkpoint yet: train it first (or pass a "
-                                    f"model folder)")
+            raise ConfigError(f"run folder {model} has no checkpoint yet: train it first (or pass a "
+                              f"model folder)")
         return str(ckpt)
     return model
 
@@ -1018,22 +1017,18 @@ def resolve_model(model: str) -> str:
 def prepare_out(out: Path) -> None:
     """Create the output folder and check that a file can be written there, before any model is loaded:
     an --out that is a file or read-only must not fail after the whole evaluation and lose it."""
-    import train
-
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".eval_write_test_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise train.ConfigError(f"--out {out} is not a writable folder ({e.strerror or e}): choose another "
-                                f"--out") from None
+        raise ConfigError(f"--out {out} is not a writable folder ({e.strerror or e}): choose another "
+                          f"--out") from None
 
 
 def main(argv=None) -> int:
     """eval.py [compare | study] ...: bad input is one line on stderr ("error: ... "), exit code 2."""
-    import train
-
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] == "compare":
@@ -1041,19 +1036,17 @@ def main(argv=None) -> int:
         if argv and argv[0] == "study":
             return study_main(argv[1:])
         return evaluate_main(argv)
-    except train.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def evaluate_main(argv: list[str]) -> int:
-    import train
-
-    parser = train.OneLineParser(description="pass@k / avg@n / maj@k / distinct correct of a policy")
+    parser = OneLineParser(description="pass@k / avg@n / maj@k / distinct correct of a policy")
     parser.add_argument("--model", required=True, help="run folder, 'toy', hub name or local model folder")
     parser.add_argument("--dataset", default="countdown",
                         help="countdown, a hub dataset (known aliases: " + ", ".join(
-                            a for aliases, *_ in train.KNOWN_DATASETS.values() for a in aliases[:1]) +
+                            a for aliases, *_ in KNOWN_DATASETS.values() for a in aliases[:1]) +
                         ") or a local .jsonl/.parquet file")
     parser.add_argument("--dataset-config", default=None, help="a hub dataset's config name")
     parser.add_argument("--split", default="heldout",
@@ -1066,8 +1059,8 @@ def evaluate_main(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, default=None, help="default 1.0")
     parser.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--prompt-template", default="auto", choices=train.PROMPT_TEMPLATES)
-    parser.add_argument("--rollout", default="hf", choices=train.ROLLOUTS,
+    parser.add_argument("--prompt-template", default="auto", choices=PROMPT_TEMPLATES)
+    parser.add_argument("--rollout", default="hf", choices=ROLLOUTS,
                         help="vllm: sample with a vLLM engine (no HF copy of the model: no token entropy)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM on CUDA")
     parser.add_argument("--seed", type=int, default=0)
@@ -1082,31 +1075,31 @@ def evaluate_main(argv: list[str]) -> int:
                 **{k: v for k in EVAL_DEFAULTS if (v := getattr(args, k)) is not None}}
     # every check before the model loads (ConfigError: one line, exit code 2)
     if sampling["n"] < 1:
-        raise train.ConfigError(f"--n must be >= 1 (samples per problem), got {sampling['n']}")
+        raise ConfigError(f"--n must be >= 1 (samples per problem), got {sampling['n']}")
     temperature = sampling["temperature"]
-    if not (temperature == 0 or train.MIN_TEMPERATURE <= temperature < float("inf")):
-        raise train.ConfigError(f"--temperature must be 0 (greedy) or >= {train.MIN_TEMPERATURE} (logits / T "
-                                f"overflows float32 as T -> 0), got {temperature}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ConfigError(f"--temperature must be 0 (greedy) or >= {MIN_TEMPERATURE} (logits / T "
+                          f"overflows float32 as T -> 0), got {temperature}")
     if not 0 < sampling["top_p"] <= 1:
-        raise train.ConfigError(f"--top-p must be in (0, 1], got {sampling['top_p']}")
+        raise ConfigError(f"--top-p must be in (0, 1], got {sampling['top_p']}")
     if sampling["top_k"] < 0:
-        raise train.ConfigError(f"--top-k must be >= 0 (0 = off), got {sampling['top_k']}")
+        raise ConfigError(f"--top-k must be >= 0 (0 = off), got {sampling['top_k']}")
     if sampling["max_new_tokens"] is not None and sampling["max_new_tokens"] < 1:
-        raise train.ConfigError(f"--max-new-tokens must be >= 1, got {sampling['max_new_tokens']}")
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {sampling['max_new_tokens']}")
     if args.limit is not None and args.limit < 1:
-        raise train.ConfigError(f"--limit must be >= 1 (omit it to evaluate every problem), got {args.limit}")
+        raise ConfigError(f"--limit must be >= 1 (omit it to evaluate every problem), got {args.limit}")
     if not 0 < args.gpu_memory_utilization <= 1:
-        raise train.ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+        raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     model_path = resolve_model(args.model)
-    train.check_model_path(model_path)
-    cfg = train.resolve_defaults(train.TrainConfig(
-        model=args.model if args.model == train.TOY else model_path, dataset=args.dataset,
+    check_model_path(model_path)
+    cfg = resolve_defaults(TrainConfig(
+        model=args.model if args.model == TOY else model_path, dataset=args.dataset,
         dataset_config=args.dataset_config, max_new_tokens=sampling["max_new_tokens"],
         temperature=sampling["temperature"] or 1.0, top_p=sampling["top_p"], rollout=args.rollout,
         prompt_template=args.prompt_template, vllm_gpu_memory_utilization=args.gpu_memory_utilization))
     if args.rollout == "vllm":
-        train.check_vllm()
-    examples = train.load_prompts(cfg, split=args.split)
+        check_vllm()
+    examples = load_prompts(cfg, split=args.split)
     out = Path(args.out) if args.out else (Path(args.model) if Path(args.model, "checkpoints").is_dir()
                                            else Path("eval_out"))
     prepare_out(out)
@@ -1115,15 +1108,15 @@ def evaluate_main(argv: list[str]) -> int:
     if args.rollout == "vllm":  # the engine alone: no second copy of the weights in memory
         from transformers import AutoTokenizer
 
-        path = train.resolve_model_path(cfg.model)
+        path = resolve_model_path(cfg.model)
         tokenizer, model = AutoTokenizer.from_pretrained(path), None
-        rollout = train.VLLMRollout(None, tokenizer, cfg, device, model_path=path)
+        rollout = VLLMRollout(None, tokenizer, cfg, device, model_path=path)
     else:
-        model, tokenizer = train.load_policy(model_path, device)
-        rollout = train.HFRollout(model, tokenizer, cfg, device)
-    examples = train.render_prompts(examples, tokenizer, args.prompt_template)
-    train.check_prompt_lengths(examples, tokenizer, cfg, getattr(getattr(model, "config", None),
-                                                                 "max_position_embeddings", None))
+        model, tokenizer = load_policy(model_path, device)
+        rollout = HFRollout(model, tokenizer, cfg, device)
+    examples = render_prompts(examples, tokenizer, args.prompt_template)
+    check_prompt_lengths(examples, tokenizer, cfg, getattr(getattr(model, "config", None),
+                                                           "max_position_embeddings", None))
     greedy = sampling["temperature"] == 0
     result = evaluate_policy(rollout, tokenizer, examples, sampling["n"], sampling["temperature"],
                              sampling["top_p"], cfg.max_new_tokens, seed=args.seed, diversity=args.diversity,

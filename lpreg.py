@@ -24,7 +24,7 @@ probability mass the min-p filter keeps (spec "What it does"). Its value is tiny
 its gradient is not.
 
 How the loop serves it (train.py). The proxy log-prob of the sampled token is computed by
-`train._chunk_stats` from the same chunk of logits as the training log-probs (`minp_proxy_logp`, κ read
+`forward._chunk_stats` from the same chunk of logits as the training log-probs (`minp_proxy_logp`, κ read
 from `cfg.kappa`), so on-policy there is no extra forward pass and the [tokens, V] softmax only ever
 exists for one chunk of rows. The selection must be known before the first backward (it is global over
 the optimisation batch, spec L2): `needs_batch_fields = True` makes the loop call `prepare_update` with
@@ -56,7 +56,7 @@ import torch
 from grpo import GRPOConfig, Method, Normaliser, aggregate, clipped_surrogate, k3_kl
 
 # "probability 0" of a filtered token: finite, so that a k3 of such a token could never be inf/NaN
-# (spec Pitfalls); train._chunk_stats uses the same value
+# (spec Pitfalls); forward._chunk_stats uses the same value
 FILTERED_LOGP = -1e4
 
 
@@ -80,10 +80,10 @@ class LpRegConfig(GRPOConfig):
     lp_percentile_over: str = "neg"  # L1: "neg" (code: lowest ρ of Neg) | "all" (paper: ρ-quantile of all)
     lp_scope: str = "batch"  # L2: "batch" (global over the optimisation batch) | "microbatch" (code)
     lp_min_k: int = 1  # L3: select none when k < lp_min_k; 2 reproduces the code's skip of k = 1
-    lp_filter: str = "minp"  # L6: "minp" | "fixed" (the p ≥ τ ablation; train.proxy_filter passes τ on)
+    lp_filter: str = "minp"  # L6: "minp" | "fixed" (the p ≥ τ ablation; forward.proxy_filter passes τ on)
     lp_tau: float = 0.02  # τ of lp_filter="fixed"
     # L6 at T ≠ 1: "raw" (official code: the keep set from the raw logits, then renormalise softmax(z/T)
-    # over it) | "tempered" (the keep set from softmax(z/T)); identical at T = 1. train.proxy_filter passes it
+    # over it) | "tempered" (the keep set from softmax(z/T)); identical at T = 1. forward.proxy_filter passes it
     lp_filter_logits: str = "raw"
     lp_clip_form: str = "ppo"  # L8: "ppo" max-form (code) | "paper": clip(r, 0, U)·A on every token
     lp_rho_pos: float = 0.0  # L10: > 0 also regularises the lowest positive tokens ("Reg. Pos. & Neg.")
@@ -115,7 +115,7 @@ class LpRegConfig(GRPOConfig):
 # ====================================================================================================
 # 1. The proxy distribution (Eq. 5): reference implementations on full logits
 # ====================================================================================================
-# The loop's chunked version lives in train._chunk_stats (same formulas, one chunk of rows at a time, so
+# The loop's chunked version lives in forward._chunk_stats (same formulas, one chunk of rows at a time, so
 # the full-vocabulary softmax never exists for the whole batch). These take full logits [..., V] and
 # exist for tests, notebooks and small cases. All threshold tests run in fp32 logit space (spec L6):
 # p(v) ≥ κ·p_max  ⟺  z_v − z_max ≥ ln κ, which needs neither a softmax nor a division.
@@ -233,7 +233,7 @@ def select_tokens(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tens
 
     over="all" (L1, the paper's reading): δ = the ρ-quantile of logp over all valid tokens and
     S = {m = 1, logp < δ, A < 0, logp < log π_proxy}. rho_pos > 0 (L10) adds the same selection among
-    the positive-advantage tokens. `dist` (train.Dist) makes every count and cut-off global across
+    the positive-advantage tokens. `dist` (distributed.Dist) makes every count and cut-off global across
     ranks (L2); None = one process. Every rank must call this with the same settings (collectives).
     Filtered tokens (proxy = −1e4, "π_proxy = 0") never qualify: the last condition excludes them, and
     we also test π_proxy > 0 explicitly.

@@ -23,7 +23,7 @@ remaining lines, and the next group starts on a freed GPU.
 
   group (budget)     lines
   build (150 s)      build_models        random Qwen2.5-1.5B, tied and untied head
-  lp_proxy (90 s)    4.lp_proxy_memory   peak memory of train.token_fields with entropy + Lp-Reg's min-p
+  lp_proxy (90 s)    4.lp_proxy_memory   peak memory of forward.token_fields with entropy + Lp-Reg's min-p
                                          proxy vs the plain log-prob pass, V = 151,936, 8 x 1024 response
                                          tokens in chunks of 4,096 rows; no-grad and training pass (<= 1.3x)
   train_hf (200 s)   1.grpo_step_hf      GRPO, 2 steps of 16 prompts x 8 samples x 128 new tokens with HF
@@ -46,10 +46,10 @@ remaining lines, and the next group starts on a freed GPU.
                                          of what the engine holds)
                      3.sleep_wake_gap    log-prob gap after wake-up (same weights, then updated + synced)
 
-Notes: train.Dist enables torch.distributed only for WORLD_SIZE > 1, so under `torchrun
+Notes: distributed.Dist enables torch.distributed only for WORLD_SIZE > 1, so under `torchrun
 --nproc_per_node 1` train.py would not shard; the fsdp check forces FSDP2 on with a 1-rank group,
-initialised with the backend train.Dist picks (read from it, not copied); if that backend cannot reduce
-train.Dist's CPU scalars (NCCL alone), the line FAILs saying so and still reports the numerics of a
+initialised with the backend distributed.Dist picks (read from it, not copied); if that backend cannot reduce
+distributed.Dist's CPU scalars (NCCL alone), the line FAILs saying so and still reports the numerics of a
 rerun with "cpu:gloo,cuda:nccl". With zero rewards GRPO's
 gradient is zero, so the sync checks move the weights by adding noise (as tests/vllm_worker.py does)
 and the FSDP check injects fixed random advantages and a scripted rollout into both runs.
@@ -244,6 +244,7 @@ def random_ids(seed: int, n: int, vocab: int) -> list[int]:
 def make_trainer(st, method: str, name: str, **overrides):
     """A train.Trainer on the built model and the local prompts, with random-id prompts."""
     import train
+    from config import TrainConfig
 
     s = st["sizes"]
     fields = dict(method=method, model=st["models"]["tied"], dataset=st["data"], prompt_template="raw",
@@ -252,7 +253,7 @@ def make_trainer(st, method: str, name: str, **overrides):
                   tensorboard=False, progress=False, final_eval=False, eval_at_start=False, save_every=10**9,
                   overwrite=True)  # a reused --workdir holds the earlier run's folder
     fields.update(overrides)
-    trainer = train.Trainer(train.TrainConfig(**fields))
+    trainer = train.Trainer(TrainConfig(**fields))
     trainer.tokenizer = RandomPrompts(trainer.tokenizer, arch_of(st)[1]["vocab_size"], s["prompt_len"])
     return trainer
 
@@ -303,13 +304,15 @@ def logp_gap(rollout, model, tok, prompt_ids, n: int, max_new_tokens: int, dev) 
     autocast on CUDA, as in training)."""
     import torch
 
-    import train
+    from data import collate
+    from distributed import autocast, to_device
+    from forward import token_fields
 
     responses = rollout.generate(prompt_ids, n, max_new_tokens=max_new_tokens)
-    batch = train.collate([p for p in prompt_ids for _ in range(n)], responses, tok.pad_token_id, tok.eos_token_id)
-    batch = train.to_device(batch, dev)
-    with _no_grad(), train.autocast(dev):
-        logp = train.token_fields(model, batch, rollout.cfg.temperature, set(), with_grad=False)["logp"].float()
+    batch = collate([p for p in prompt_ids for _ in range(n)], responses, tok.pad_token_id, tok.eos_token_id)
+    batch = to_device(batch, dev)
+    with _no_grad(), autocast(dev):
+        logp = token_fields(model, batch, rollout.cfg.temperature, set(), with_grad=False)["logp"].float()
     engine = torch.zeros_like(logp)
     for i, lp in enumerate(rollout.last_logprobs):
         engine[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
@@ -408,7 +411,8 @@ def g_lp_proxy(st, rep):
     import torch
     import transformers
 
-    import train
+    from distributed import autocast
+    from forward import token_fields
 
     dev, s = device(st), st["sizes"]
     cls_name, sizes = arch_of(st)
@@ -428,8 +432,8 @@ def g_lp_proxy(st, rep):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
-        with train.autocast(dev):
-            out = train.token_fields(model, batch, 1.0, set(want), with_grad=with_grad, chunk_rows=s["lp_chunk_rows"])
+        with autocast(dev):
+            out = token_fields(model, batch, 1.0, set(want), with_grad=with_grad, chunk_rows=s["lp_chunk_rows"])
         assert set(want) <= set(out), f"token_fields did not return {set(want) - set(out)}"
         if with_grad:
             out["logp"].sum().backward()
@@ -522,7 +526,8 @@ def g_vllm_train(st, rep):
 def g_vllm_sleep(st, rep):
     import torch
 
-    import train
+    from config import TrainConfig, resolve_defaults
+    from rollout import VLLMRollout, load_policy
 
     dev, s, path = device(st), st["sizes"], st["models"]["untied"]
     cuda = dev.type == "cuda"
@@ -535,15 +540,15 @@ def g_vllm_sleep(st, rep):
 
     names = ["2.sync_untied", "3.sleep_freed", "3.sleep_wake_gap"]
     with rep.guard(names):
-        model, tok = train.load_policy(path, dev)
+        model, tok = load_policy(path, dev)
         assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight, "head is tied"
-        cfg = train.resolve_defaults(train.TrainConfig(model=path, rollout="vllm", vllm_sleep=True,
-                                                       max_new_tokens=s["sync_tokens"],
-                                                       out=str(Path(st["workdir"]) / "runs" / "sleep")))
+        cfg = resolve_defaults(TrainConfig(model=path, rollout="vllm", vllm_sleep=True,
+                                           max_new_tokens=s["sync_tokens"],
+                                           out=str(Path(st["workdir"]) / "runs" / "sleep")))
         vocab = arch_of(st)[1]["vocab_size"]
         prompts = [random_ids(100 + i, s["prompt_len"], vocab) for i in range(s["sync_prompts"])]
         free_before = free_bytes()
-        engine = train.VLLMRollout(model, tok, cfg, dev, None, model_path=path)
+        engine = VLLMRollout(model, tok, cfg, dev, None, model_path=path)
         try:
             free_awake = free_bytes()
             gaps = {"before": logp_gap(engine, model, tok, prompts, s["sync_samples"], s["sync_tokens"], dev)}
@@ -578,17 +583,17 @@ def g_vllm_sleep(st, rep):
 
 # ---- 5. FSDP2 under torchrun vs the plain process ---------------------------------------------------
 def _train_dist_backend() -> str | None:
-    """The backend train.Dist would initialise with several ranks (read by running its __init__ with
+    """The backend distributed.Dist would initialise with several ranks (read by running its __init__ with
     WORLD_SIZE=2 and init_process_group intercepted, so that this check follows train.py's choice)."""
     import torch.distributed as td
 
-    import train
+    from distributed import Dist
 
     seen, real, old = {}, td.init_process_group, os.environ.get("WORLD_SIZE")
     td.init_process_group = lambda *a, **k: seen.update(backend=k.get("backend", a[0] if a else None))
     os.environ["WORLD_SIZE"] = "2"
     try:
-        train.Dist()
+        Dist()
     finally:
         td.init_process_group = real
         if old is None:
@@ -604,7 +609,9 @@ def fsdp_side(st, sharded: bool, backend: str | None = None) -> dict:
     random directions, per-parameter norms)."""
     import torch
 
-    import train
+    import train  # (train.Dist is replaced below: the Trainer looks it up there)
+    from distributed import Dist
+    from rollout import HFRollout
 
     s, vocab = st["sizes"], arch_of(st)[1]["vocab_size"]
     T = s["fsdp_tokens"]
@@ -613,14 +620,14 @@ def fsdp_side(st, sharded: bool, backend: str | None = None) -> dict:
         return [random_ids(zlib.crc32(json.dumps(ids).encode()) + j, T - j % 3, vocab)
                 for ids in prompt_ids for j in range(n)]
 
-    train.HFRollout.generate = scripted_generate
+    HFRollout.generate = scripted_generate
     if sharded:
         import torch.distributed as td
 
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
-        class ForcedDist(train.Dist):  # train.Dist leaves torch.distributed off for one process
+        class ForcedDist(Dist):  # distributed.Dist leaves torch.distributed off for one process
             def __init__(self):
                 super().__init__()
                 if not self.enabled:
@@ -734,10 +741,10 @@ def g_fsdp(st, rep, deadline: float):
         try:
             shard, note = torchrun(backend, "train_backend"), ""
         except RuntimeError as e:
-            # e.g. NCCL alone cannot all-reduce train.Dist's CPU scalars: say so, and still compare numerics
+            # e.g. NCCL alone cannot all-reduce distributed.Dist's CPU scalars: say so, and still compare numerics
             if "no backend type associated with device type cpu" not in str(e).lower():
                 raise
-            note = f"with train.Dist's backend {backend!r}: {e}"
+            note = f"with distributed.Dist's backend {backend!r}: {e}"
             print(note, flush=True)
             shard = torchrun("cpu:gloo,cuda:nccl", "mixed_backend")
         ok, value, figures = compare_fsdp(plain, shard)

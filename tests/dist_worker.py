@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import toy  # noqa: E402
 import train  # noqa: E402
+from rollout import HFRollout  # noqa: E402
 
 
 def scripted_generate(self, prompt_ids, n, temperature=None, top_p=None, max_new_tokens=None):
@@ -37,5 +38,5 @@ def scripted_generate(self, prompt_ids, n, temperature=None, top_p=None, max_new
 
 
 if __name__ == "__main__":
-    train.HFRollout.generate = scripted_generate
+    HFRollout.generate = scripted_generate
     sys.exit(train.main(sys.argv[1:]))

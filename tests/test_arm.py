@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 import arm
 import train
 from conftest import one_step_per_micro_batch_budget
+from data import collate
+from forward import token_fields
 from grpo import Method, Normaliser, config_from_preset, group_advantages
 
 QUICK = ["--no-final-eval", "--no-progress", "--no-tensorboard"]
@@ -116,8 +118,8 @@ def test_prompt_confidence_equals_direct_computation_from_full_logits(tiny_model
     pairs = [("3 5 7>22:", "5*3=15,15+7=22"), ("1 2>3:", "1+2=3"), ("9 9 9 9>81:", "9*9=81")]
     prompts = [tok(p)["input_ids"] for p, _ in pairs]
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for _, r in pairs]
-    batch = train.collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
-    fields = train.token_fields(model, batch, 1.0, {"prompt_logp"}, with_grad=False)
+    batch = collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
+    fields = token_fields(model, batch, 1.0, {"prompt_logp"}, with_grad=False)
     c_q = arm.prompt_confidence(fields["prompt_logp"], fields["prompt_logp_mask"])
     c_o = arm.answer_confidence(fields["logp"], batch["response_mask"])
     for i, (p, r) in enumerate(zip(prompts, responses)):

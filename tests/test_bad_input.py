@@ -2,7 +2,7 @@
 fix it, exit code 2, before the model loads, with no traceback.
 
 One table: (program, argv, files to write, expected start of the message). `{tmp}` in an argv is the test's
-tmp_path; files are written there first. The model must not load: `train.load_policy` raises if called
+tmp_path; files are written there first. The model must not load: `rollout.load_policy` raises if called
 (the one case that needs the tokenizer gets a tokenizer-only stand-in instead).
 """
 
@@ -19,6 +19,8 @@ import pytest
 
 import eval as evaluation
 import train
+from config import TrainConfig
+from data import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = json.dumps({"prompt": "What is 1+1?", "answer": "2"})
@@ -117,7 +119,8 @@ def test_bad_input_is_one_line_exit_2_before_the_model_loads(program, argv, file
         stand_in = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=96))
         monkeypatch.setattr(train, "load_policy", lambda *a, **k: (stand_in, toy.build_tokenizer()))
     else:
-        monkeypatch.setattr(train, "load_policy", forbidden)
+        for program_module in (train, evaluation):  # where each program looks load_policy up
+            monkeypatch.setattr(program_module, "load_policy", forbidden)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     if program.startswith("train"):
         argv += ["--out", str(tmp_path / "run"), "--no-progress"]
@@ -137,7 +140,7 @@ def test_blank_lines_in_jsonl_are_skipped(tmp_path):
     """Decision: blank (whitespace-only) lines of a .jsonl carry no row and are skipped, not refused."""
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + ROW + "\n\n  \n" + ROW + "\n\n")
-    examples = train.load_prompts(train.TrainConfig(dataset=str(path)))
+    examples = load_prompts(TrainConfig(dataset=str(path)))
     assert [e["answer"] for e in examples] == ["2", "2"]
 
 

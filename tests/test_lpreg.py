@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 import lpreg
 import train
 from conftest import one_step_per_micro_batch_budget
+from data import collate
+from distributed import to_device
+from forward import _chunk_stats, proxy_filter, slice_batch, token_fields
 from grpo import Normaliser, policy_loss
 
 QUICK = ["--no-final-eval", "--no-progress", "--no-tensorboard"]
@@ -74,9 +77,9 @@ def test_fixed_tau_reference_and_the_loop():
     proxy = lpreg.fixed_proxy_logp(logits, torch.arange(4), tau=0.1)  # keeps p ≥ 0.1: Z = 0.95
     expected = [math.log(0.5 / 0.95), math.log(0.3 / 0.95), math.log(0.15 / 0.95), lpreg.FILTERED_LOGP]
     torch.testing.assert_close(proxy, torch.tensor(expected), atol=1e-6, rtol=1e-6)
-    # train._chunk_stats with fixed_tau (identity LM head: h are the logits) gives the same
-    loop = train._chunk_stats(logits.clone(), lambda h: h, torch.arange(4), 1.0, {"minp_proxy_logp"}, 0.02,
-                              fixed_tau=0.1)["minp_proxy_logp"]
+    # forward._chunk_stats with fixed_tau (identity LM head: h are the logits) gives the same
+    loop = _chunk_stats(logits.clone(), lambda h: h, torch.arange(4), 1.0, {"minp_proxy_logp"}, 0.02,
+                        fixed_tau=0.1)["minp_proxy_logp"]
     torch.testing.assert_close(loop, proxy, atol=1e-5, rtol=1e-5)
 
 
@@ -87,7 +90,7 @@ class _Identity(torch.nn.Module):
 
 @pytest.mark.parametrize("kappa", [0.02, 0.3])
 def test_loop_chunk_stats_match_the_reference_on_hand_built_logits(kappa):
-    """train._chunk_stats with an identity LM head sees the logits directly (and with a temperature)."""
+    """forward._chunk_stats with an identity LM head sees the logits directly (and with a temperature)."""
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(9, 50, generator=g) * 3
     logits[0, :] = 0.0  # uniform row
@@ -97,8 +100,8 @@ def test_loop_chunk_stats_match_the_reference_on_hand_built_logits(kappa):
     targets = torch.tensor([5, 7, 4, 0, 1, 2, 3, 4, 5])
     for temperature in (1.0, 0.7):
         for order in lpreg.FILTER_LOGITS:  # the keep test on the raw (default) or the tempered logits
-            out = train._chunk_stats(logits, _Identity(), targets, temperature, {"minp_proxy_logp"}, kappa,
-                                     filter_logits=order)
+            out = _chunk_stats(logits, _Identity(), targets, temperature, {"minp_proxy_logp"}, kappa,
+                               filter_logits=order)
             ref = lpreg.minp_proxy_logp(logits, targets, kappa, temperature=temperature, filter_logits=order)
             torch.testing.assert_close(out["minp_proxy_logp"], ref, atol=1e-5, rtol=1e-5)
     assert (ref == lpreg.FILTERED_LOGP).any() and (ref > lpreg.FILTERED_LOGP).any()
@@ -116,24 +119,24 @@ def test_proxy_at_temperature_filters_the_raw_logits_then_tempers():
         kept_mass = math.exp(zt[0]) + math.exp(zt[1])  # renormalise over K = {0, 1} (raw order)
         expected = [zt[0] - math.log(kept_mass), zt[1] - math.log(kept_mass), F]
         ref = lpreg.minp_proxy_logp(z, targets, 0.02, temperature=T)
-        loop = train._chunk_stats(z.clone(), _Identity(), targets, T, {"minp_proxy_logp"}, 0.02)["minp_proxy_logp"]
+        loop = _chunk_stats(z.clone(), _Identity(), targets, T, {"minp_proxy_logp"}, 0.02)["minp_proxy_logp"]
         for got in (ref, loop):
             torch.testing.assert_close(got, torch.tensor(expected), atol=1e-6, rtol=1e-6)
         # the switch keeps the earlier order (keep test on z/T)
-        loop_t = train._chunk_stats(z.clone(), _Identity(), targets, T, {"minp_proxy_logp"}, 0.02,
-                                    filter_logits="tempered")["minp_proxy_logp"]
+        loop_t = _chunk_stats(z.clone(), _Identity(), targets, T, {"minp_proxy_logp"}, 0.02,
+                              filter_logits="tempered")["minp_proxy_logp"]
         assert (loop_t > F).tolist() == tempered_keeps
         torch.testing.assert_close(loop_t, lpreg.minp_proxy_logp(z, targets, 0.02, T, "tempered"))
     # fixed τ = 0.04, raw order: softmax(z) = (0.947, 0.047, 0.006) keeps {0, 1} at any T; at T = 0.5 the
     # tempered softmax(z/T) = (0.9975, 0.0025, 0.00005) would keep the argmax alone
     for order, keeps in (("raw", [True, True, False]), ("tempered", [True, False, False])):
-        fixed = train._chunk_stats(z.clone(), _Identity(), targets, 0.5, {"minp_proxy_logp"}, 0.02,
-                                   fixed_tau=0.04, filter_logits=order)["minp_proxy_logp"]
+        fixed = _chunk_stats(z.clone(), _Identity(), targets, 0.5, {"minp_proxy_logp"}, 0.02,
+                             fixed_tau=0.04, filter_logits=order)["minp_proxy_logp"]
         assert (fixed > F).tolist() == keeps
         torch.testing.assert_close(fixed, lpreg.fixed_proxy_logp(z, targets, 0.04, 0.5, order))
     with pytest.raises(ValueError):
         lpreg.LpReg(lpreg.LpRegConfig(lp_filter_logits="logits"))
-    assert train.proxy_filter(lpreg.LpRegConfig(lp_filter_logits="tempered"))["filter_logits"] == "tempered"
+    assert proxy_filter(lpreg.LpRegConfig(lp_filter_logits="tempered"))["filter_logits"] == "tempered"
 
 
 def test_loop_token_fields_match_the_reference_on_a_tiny_model(tiny_model_dir):
@@ -141,10 +144,10 @@ def test_loop_token_fields_match_the_reference_on_a_tiny_model(tiny_model_dir):
     model, tok = _load(tiny_model_dir)
     prompts = [tok("3 5 7>22:")["input_ids"], tok("1 2>3:")["input_ids"]]
     responses = [tok("5*3=15,15+7=22")["input_ids"] + [tok.eos_token_id], tok("1+2=3")["input_ids"]]
-    batch = train.collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
+    batch = collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
     kappa = 0.9  # the random model is nearly uniform: a high κ filters some tokens
-    fields = train.token_fields(model, batch, 1.0, {"minp_proxy_logp"}, with_grad=True, chunk_rows=3,
-                                minp_kappa=kappa)
+    fields = token_fields(model, batch, 1.0, {"minp_proxy_logp"}, with_grad=True, chunk_rows=3,
+                          minp_kappa=kappa)
     ids, attn, P = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
@@ -237,7 +240,7 @@ def test_selection_bounds_on_random_batches():
 
 
 class _ThreadRanks:
-    """In-process stand-in for train.Dist with `world` ranks running in threads (gather_objects, sum)."""
+    """In-process stand-in for distributed.Dist with `world` ranks running in threads (gather_objects, sum)."""
 
     def __init__(self, world):
         self.world, self.slots, self.barrier = world, [None] * world, threading.Barrier(world)
@@ -520,7 +523,7 @@ def test_defaults_and_config_errors(tmp_path, capsys):
                 {"lp_tau": 0.0}):
         with pytest.raises(ValueError):
             lpreg.LpRegConfig(**bad)
-    assert train.proxy_filter(lpreg.LpRegConfig(lp_filter="fixed", lp_tau=0.1)) == {"minp_kappa": 0.02,
+    assert proxy_filter(lpreg.LpRegConfig(lp_filter="fixed", lp_tau=0.1)) == {"minp_kappa": 0.02,
                                                                                      "fixed_tau": 0.1,
                                                                                      "filter_logits": "raw"}
     assert train.main(["--method", "lpreg", "--lp-scope", "gpu", "--out", str(tmp_path / "x")]) == 2
@@ -594,8 +597,8 @@ def test_second_mini_batch_selects_by_the_current_policy(toy_model_dir, tmp_path
 
     def update(self, batch, rows):
         with torch.no_grad():
-            mb = train.to_device(train.slice_batch(batch, rows), self.device)
-            logp = train.token_fields(self.model, mb, self.cfg.temperature, set(), with_grad=False)["logp"].cpu()
+            mb = to_device(slice_batch(batch, rows), self.device)
+            logp = token_fields(self.model, mb, self.cfg.temperature, set(), with_grad=False)["logp"].cpu()
         t = logp.shape[1]
         fields = batch["fields"]
         manual.append((logp, fields["old_logp"][rows][:, :t].clone(), fields["minp_proxy_logp"][rows][:, :t].clone()))
@@ -623,7 +626,7 @@ def test_second_mini_batch_selects_by_the_current_policy(toy_model_dir, tmp_path
 _MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, torch
     sys.path.insert(0, {root!r})
-    import train
+    import forward
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -635,7 +638,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     batch = {{"input_ids": ids, "attention_mask": torch.ones_like(ids), "prompt_len": P,
               "response_mask": torch.ones(S, T), "prompt_mask": torch.ones(S, P)}}
     want = {want}
-    train.token_fields(model, batch, 1.0, want, with_grad=False, chunk_rows=512)
+    forward.token_fields(model, batch, 1.0, want, with_grad=False, chunk_rows=512)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 """)
 

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from runfolder import checkpoint_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--prompts-per-step", "2", "--group-size", "2", "--save-every", "1", "--seed", "1",
@@ -203,7 +204,7 @@ def test_resume_skips_a_damaged_checkpoint_for_the_older_intact_one(how, two_ste
     assert _steps(out) == [1, 2]
     _assert_same_params(_params(out / "checkpoints" / "step_000002"),
                         _params(two_steps / "checkpoints" / "step_000002"))
-    assert train.checkpoint_problem(out / "checkpoints" / "step_000002") is None  # replaced by an intact one
+    assert checkpoint_problem(out / "checkpoints" / "step_000002") is None  # replaced by an intact one
 
 
 def test_resume_without_an_intact_checkpoint_is_one_line(two_steps, tmp_path, capsys, no_model_load):

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import eval as evaluation
 import train
-from train import ConfigError, TrainConfig
+from config import ConfigError, TrainConfig
+from data import BOXED_INSTRUCTION, load_prompts, render_prompts
 
 QUICK = ["--no-final-eval", "--no-progress", "--no-tensorboard"]
 
@@ -41,24 +42,24 @@ def test_known_datasets_map_fields_splits_and_configs(fake_hub):
     tables["openai/gsm8k"] = [{"question": "How many?", "answer": "3 + 4 = <<3+4=7>>7 apples\n#### 1,234"}]
     tables["math-ai/amc23"] = [{"question": "AMC?", "answer": 27.0}]
 
-    ex = train.load_prompts(TrainConfig(dataset="math500"))  # alias; the loop's "train" split → "test"
+    ex = load_prompts(TrainConfig(dataset="math500"))  # alias; the loop's "train" split → "test"
     assert calls[-1] == ("HuggingFaceH4/MATH-500", None, "test")
     assert ex[0]["prompt"] == "1+1?" and ex[0]["answer"] == "2" and ex[0]["task"] == "math"
-    ex = train.load_prompts(TrainConfig(dataset="open-r1/DAPO-Math-17k-Processed"))
+    ex = load_prompts(TrainConfig(dataset="open-r1/DAPO-Math-17k-Processed"))
     assert calls[-1] == ("open-r1/DAPO-Math-17k-Processed", "all", "train")
     assert ex[0]["prompt"].startswith("Solve") and ex[0]["answer"] == "2"
-    train.load_prompts(TrainConfig(dataset="dapo-math", dataset_config="en"))
+    load_prompts(TrainConfig(dataset="dapo-math", dataset_config="en"))
     assert calls[-1] == ("open-r1/DAPO-Math-17k-Processed", "en", "train")
-    ex = train.load_prompts(TrainConfig(dataset="gsm8k"), split="heldout")
+    ex = load_prompts(TrainConfig(dataset="gsm8k"), split="heldout")
     assert calls[-1] == ("openai/gsm8k", "main", "test")
     assert ex[0]["prompt"] == "How many?" and ex[0]["answer"] == "1234"  # what follows ####, no commas
-    ex = train.load_prompts(TrainConfig(dataset="amc23"))
+    ex = load_prompts(TrainConfig(dataset="amc23"))
     assert ex[0]["prompt"] == "AMC?" and ex[0]["answer"] == "27.0"
 
 
 def test_unknown_or_unreachable_hub_dataset_is_one_line(fake_hub, capsys):
     with pytest.raises(ConfigError, match="could not load dataset 'someone/nothing-here'.*local .jsonl"):
-        train.load_prompts(TrainConfig(dataset="someone/nothing-here"))
+        load_prompts(TrainConfig(dataset="someone/nothing-here"))
     assert train.main(["--dataset", "someone/nothing-here", "--out", "/tmp/never"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: could not load dataset") and "\n" not in err
@@ -67,7 +68,7 @@ def test_unknown_or_unreachable_hub_dataset_is_one_line(fake_hub, capsys):
 def test_local_file_with_question_and_solution_fields(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"problem": "2+2?", "solution": "4"}) + "\n")
-    ex = train.load_prompts(TrainConfig(dataset=str(path)))
+    ex = load_prompts(TrainConfig(dataset=str(path)))
     assert ex[0]["prompt"] == "2+2?" and ex[0]["answer"] == "4"
 
 
@@ -78,23 +79,23 @@ def test_prompt_templates(tiny_model_dir):
     math_ex = [{"prompt": "What is 6*7?", "answer": "42", "task": "math"}]
     toy_ex = [{"prompt": "9 3 2 3>27:", "answer": "27", "task": "countdown"}]
     # auto: the toy prompts stay raw; a math question without a chat template gets r1-zero
-    assert train.render_prompts(toy_ex, tok, "auto") == toy_ex
-    r1 = train.render_prompts(math_ex, tok, "auto")[0]
+    assert render_prompts(toy_ex, tok, "auto") == toy_ex
+    r1 = render_prompts(math_ex, tok, "auto")[0]
     assert r1["template"] == "r1-zero" and r1["question"] == "What is 6*7?"
     assert r1["prompt"].startswith("A conversation between User and Assistant")
     assert "User: What is 6*7?\nAssistant: <think>" in r1["prompt"] and "\\boxed{}" in r1["prompt"]
-    assert train.render_prompts([r1], tok, "auto") == [r1]  # rendering twice changes nothing
+    assert render_prompts([r1], tok, "auto") == [r1]  # rendering twice changes nothing
     with pytest.raises(ConfigError, match="no chat template"):
-        train.render_prompts(math_ex, tok, "chat")
+        render_prompts(math_ex, tok, "chat")
     # a chat template: the question + the \boxed instruction as one user turn, generation prompt added,
     # and the BOS the template writes is dropped because the tokenizer adds it when tokenizing
     tok.bos_token = "<s>"
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
                          "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    chat = train.render_prompts(math_ex, tok, "auto")[0]
+    chat = render_prompts(math_ex, tok, "auto")[0]
     assert chat["template"] == "chat"
-    assert chat["prompt"] == f"<|user|>What is 6*7?\n{train.BOXED_INSTRUCTION}<|end|><|assistant|>"
-    assert train.render_prompts(math_ex, tok, "raw") == math_ex
+    assert chat["prompt"] == f"<|user|>What is 6*7?\n{BOXED_INSTRUCTION}<|end|><|assistant|>"
+    assert render_prompts(math_ex, tok, "raw") == math_ex
 
 
 def test_math_training_step_with_r1_zero_template_on_local_data(tiny_model_dir, tmp_path):

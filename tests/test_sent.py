@@ -13,12 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from config import TrainConfig, resolve_defaults
 from curriculum import (
     SENT, TIER_HIGH, TIER_LOW, CurriculumSampler, SENTConfig, answer_clusters, compute_semantic_entropy,
     release_token_loss, sample_weights, semantic_entropy, sent_token_sets, stage_split, stage_starts,
     tier_betas,
 )
+from data import load_prompts
+from distributed import Dist, to_device
+from forward import slice_batch, token_fields
 from grpo import GRPOConfig, Method, Normaliser, k3_kl
+from rollout import load_policy
 
 QUICK = ["--no-final-eval", "--no-progress", "--no-tensorboard"]
 
@@ -403,13 +408,13 @@ def test_batch_scope_prepare_update_selects_over_the_whole_batch():
              "fields": {"entropy": entropy, "old_logp": logp}}
     sent = SENT(SENTConfig(rho_cov=0.25))
     assert sent.needs_batch_fields and {"entropy", "ref_logp", "prompt_sampler"} <= sent.needs()
-    sent.prepare_update(batch, [0, 1], train.Dist())
+    sent.prepare_update(batch, [0, 1], Dist())
     direct = sent_token_sets(entropy, logp, adv, mask, rho_cov=0.25)["tier"]
     assert torch.equal(batch["fields"]["sent_tier"], direct)
     assert int((direct == TIER_HIGH).sum()) == 2 and int((direct == TIER_LOW).sum()) == 6
     # two mini-batches: each one selects over its own rows
     batch["fields"].pop("sent_tier")
-    sent.prepare_update(batch, [1], train.Dist())
+    sent.prepare_update(batch, [1], Dist())
     alone = sent_token_sets(entropy[1:], logp[1:], adv[1:], mask[1:], rho_cov=0.25)["tier"]
     assert torch.equal(batch["fields"]["sent_tier"][1], alone[0]) and not batch["fields"]["sent_tier"][0].any()
 
@@ -431,10 +436,10 @@ def test_config_validation_and_cli_errors(tmp_path, capsys):
 
 
 def _ctx(model_dir, run_dir, n_chunk=4):
-    cfg = train.resolve_defaults(train.TrainConfig(model=model_dir, out=str(run_dir), gen_batch_prompts=n_chunk,
-                                                   progress=False, max_new_tokens=40))
-    model, tok = train.load_policy(model_dir, torch.device("cpu"))
-    return types.SimpleNamespace(cfg=cfg, dist=train.Dist(), examples=train.load_prompts(cfg), tokenizer=tok,
+    cfg = resolve_defaults(TrainConfig(model=model_dir, out=str(run_dir), gen_batch_prompts=n_chunk,
+                                       progress=False, max_new_tokens=40))
+    model, tok = load_policy(model_dir, torch.device("cpu"))
+    return types.SimpleNamespace(cfg=cfg, dist=Dist(), examples=load_prompts(cfg), tokenizer=tok,
                                  model=model, ref_model=None, device=torch.device("cpu"), run_dir=Path(run_dir),
                                  start_step=0)
 
@@ -542,8 +547,8 @@ def test_second_mini_batch_tiers_come_from_the_current_policy(toy_model_dir, tmp
 
     def update(self, batch, rows):
         with torch.no_grad():
-            mb = train.to_device(train.slice_batch(batch, rows), self.device)
-            f = train.token_fields(self.model, mb, self.cfg.temperature, {"entropy"}, with_grad=False)
+            mb = to_device(slice_batch(batch, rows), self.device)
+            f = token_fields(self.model, mb, self.cfg.temperature, {"entropy"}, with_grad=False)
         m = mb["response_mask"].bool().cpu()  # mask_truncated is off: every response token counts
         t = m.shape[1]
         fields = batch["fields"]

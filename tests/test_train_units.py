@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import train
-from train import ConfigError, TrainConfig
+from config import ConfigError, TrainConfig
+from data import PromptSampler, collate, load_prompts
+from forward import split_micro_batches, token_fields
 
 
 def _load(path):
@@ -22,7 +24,7 @@ def _load(path):
 # ---------------------------------------------------------------------------------------------------
 def test_collate_masks_eos_and_truncation():
     pad, eos = 0, 1
-    batch = train.collate([[5, 6], [7]], [[8, 9, eos], [10, 11]], pad, eos)
+    batch = collate([[5, 6], [7]], [[8, 9, eos], [10, 11]], pad, eos)
     assert batch["prompt_len"] == 2
     assert batch["input_ids"].tolist() == [[5, 6, 8, 9, eos], [pad, 7, 10, 11, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 1, 1, 1, 0]]
@@ -65,10 +67,10 @@ def test_token_fields_match_direct_computation(tiny_model_dir, chunk_rows, tempe
     model, tok = _load(tiny_model_dir)
     prompts = [tok("3 5 7>22:")["input_ids"], tok("1 2>3:")["input_ids"]]
     responses = [tok("5*3=15,15+7=22")["input_ids"] + [tok.eos_token_id], tok("1+2=3")["input_ids"]]
-    batch = train.collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
+    batch = collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
     want = {"entropy", "minp_proxy_logp", "prompt_logp"}
-    fields = train.token_fields(model, batch, temperature, want, with_grad=True, chunk_rows=chunk_rows,
-                                minp_kappa=0.3)
+    fields = token_fields(model, batch, temperature, want, with_grad=True, chunk_rows=chunk_rows,
+                          minp_kappa=0.3)
     logp, ent, proxy, plogp = _direct_fields(model, batch, temperature, 0.3)
     torch.testing.assert_close(fields["logp"].detach(), logp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fields["entropy"], ent, atol=1e-5, rtol=1e-5)
@@ -83,7 +85,7 @@ def test_token_fields_match_direct_computation(tiny_model_dir, chunk_rows, tempe
     grad = model.get_output_embeddings().weight.grad.clone()
     model.zero_grad()
     model2, _ = _load(tiny_model_dir)
-    direct = train.token_fields(model2, batch, temperature, set(), with_grad=True, chunk_rows=10**6)
+    direct = token_fields(model2, batch, temperature, set(), with_grad=True, chunk_rows=10**6)
     direct["logp"].sum().backward()
     torch.testing.assert_close(grad, model2.get_output_embeddings().weight.grad, atol=1e-5, rtol=1e-4)
 
@@ -95,12 +97,12 @@ def test_micro_batches_reproduce_whole_batch(tiny_model_dir):
              ("2 4>8:", "2*4=8,8")]
     prompts = [tok(p)["input_ids"] for p, _ in texts]
     responses = [tok(r)["input_ids"] + [tok.eos_token_id] for _, r in texts]
-    batch = train.collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
-    whole = train.token_fields(model, batch, 1.0, set(), with_grad=False)["logp"]
-    mbs = train.split_micro_batches(batch, [0, 1, 2, 3], token_budget=30)
+    batch = collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
+    whole = token_fields(model, batch, 1.0, set(), with_grad=False)["logp"]
+    mbs = split_micro_batches(batch, [0, 1, 2, 3], token_budget=30)
     assert len(mbs) > 1
     for mb in mbs:
-        part = train.token_fields(model, mb, 1.0, set(), with_grad=False)["logp"]
+        part = token_fields(model, mb, 1.0, set(), with_grad=False)["logp"]
         T = part.shape[1]
         torch.testing.assert_close(part, whole[mb["rows"], :T], atol=1e-5, rtol=1e-5)
         assert whole[mb["rows"], T:].abs().sum() == 0  # trimmed columns were padding only
@@ -110,15 +112,15 @@ def test_micro_batches_reproduce_whole_batch(tiny_model_dir):
 # prompt order: seeded, epoch-wise, resumable
 # ---------------------------------------------------------------------------------------------------
 def test_prompt_sampler_covers_epochs_and_resumes():
-    s = train.PromptSampler(10, seed=3)
+    s = PromptSampler(10, seed=3)
     first = s.next_indices(7)
     state = s.state_dict()
     rest = s.next_indices(8)
     assert sorted(first + rest[:3]) == list(range(10))  # one full epoch before any repeat
-    s2 = train.PromptSampler(10, seed=3)
+    s2 = PromptSampler(10, seed=3)
     s2.load_state_dict(state)
     assert s2.next_indices(8) == rest
-    assert train.PromptSampler(10, seed=4).next_indices(10) != train.PromptSampler(10, seed=3).next_indices(10)
+    assert PromptSampler(10, seed=4).next_indices(10) != PromptSampler(10, seed=3).next_indices(10)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def no_model_loading(monkeypatch):
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--prompts-per-step", "6", "--mini-batches", "4"], "--mini-batches 4 must divide"),
     (["--dataset", "missing_file.jsonl"], "does not exist"),
-    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--temperature", "0"], "--temperature must be >= 0.001"),
 ])
 def test_bad_input_is_one_line_before_compute(no_model_loading, capsys, argv, message):
     assert train.main(argv + ["--out", "/tmp/never_created"]) == 2
@@ -173,7 +175,7 @@ def test_local_jsonl_and_parquet_datasets_load(tmp_path):
     pq = tmp_path / "d.parquet"
     datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": str(r["answer"])} for r in rows]).to_parquet(pq)
     for path in (jl, pq):
-        examples = train.load_prompts(TrainConfig(dataset=str(path)))
+        examples = load_prompts(TrainConfig(dataset=str(path)))
         assert [e["answer"] for e in examples] == ["2", "4"]
         assert all(e["task"] == "math" for e in examples)
 

@@ -2,9 +2,9 @@
 
     python tests/vllm_worker.py tied|untied OUT_DIR
 
-Builds a tiny random Qwen2 (embeddings tied or not) on the toy tokenizer, starts `train.VLLMRollout` on
+Builds a tiny random Qwen2 (embeddings tied or not) on the toy tokenizer, starts `rollout.VLLMRollout` on
 it, perturbs the HF weights (as an optimiser step would), and measures the gap between the engine's
-log-probs of its sampled tokens and the HF policy's (train.token_fields, logits / T):
+log-probs of its sampled tokens and the HF policy's (forward.token_fields, logits / T):
   * before the sync: the engine still samples from the old weights, so the gap is large;
   * after `mark_stale()` + generate (which syncs): the gap must be at fp32 noise level.
 Prints one JSON line with both gaps.
@@ -22,14 +22,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import toy  # noqa: E402
-import train  # noqa: E402
+from config import TrainConfig, resolve_defaults  # noqa: E402
+from data import collate  # noqa: E402
+from forward import token_fields  # noqa: E402
+from rollout import VLLMRollout  # noqa: E402
 
 
 def hf_logp(model, tok, prompt_ids, responses, temperature):
-    batch = train.collate([p for p in prompt_ids for _ in range(len(responses) // len(prompt_ids))], responses,
-                          tok.pad_token_id, tok.eos_token_id)
+    batch = collate([p for p in prompt_ids for _ in range(len(responses) // len(prompt_ids))], responses,
+                    tok.pad_token_id, tok.eos_token_id)
     with torch.no_grad():
-        logp = train.token_fields(model, batch, temperature, set(), with_grad=False)["logp"]
+        logp = token_fields(model, batch, temperature, set(), with_grad=False)["logp"]
     return logp, batch["response_mask"]
 
 
@@ -56,9 +59,9 @@ def main(kind: str, out_dir: str) -> None:
     tok = AutoTokenizer.from_pretrained(path)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tied == (kind == "tied"), "the model was not built as asked"
-    cfg = train.resolve_defaults(train.TrainConfig(model=str(path), rollout="vllm", max_new_tokens=12,
-                                                   temperature=0.7))
-    engine = train.VLLMRollout(model, tok, cfg, torch.device("cpu"), None, model_path=str(path))
+    cfg = resolve_defaults(TrainConfig(model=str(path), rollout="vllm", max_new_tokens=12,
+                                       temperature=0.7))
+    engine = VLLMRollout(model, tok, cfg, torch.device("cpu"), None, model_path=str(path))
     prompt_ids = [tok(ex["prompt"])["input_ids"] for ex in toy.load_split("heldout")[:4]]
 
     # before any change: engine and trainer hold the same weights
