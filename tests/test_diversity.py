@@ -1,5 +1,5 @@
-"""eval.py diversity metrics (dsdr spec, Eqs. 5–8, D1, D2, D7): embedding distance and D_emb, formula
-extraction and D_eq, the MiniLM encoder (offline), and the group-level evaluation summaries."""
+"""DSDR's diversity metrics in dsdr.py (dsdr spec, Eqs. 5–8, D1, D2, D7): embedding distance and D_emb, formula
+extraction and D_eq, the MiniLM encoder (offline), and eval.py's group-level evaluation summaries."""
 
 import math
 import time
@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-import eval as evaluation
-from eval import (embedding_distance_matrix, embedding_diversity, extract_formulas, formula_diversity,
-                  formula_uniqueness, semantic_diversity)
+import dsdr
+from dsdr import embedding_distance_matrix, embedding_diversity, extract_formulas, formula_uniqueness
+from eval import formula_diversity, semantic_diversity
 
 # ---- embedding distance (Eq. 5) and D_emb (Eq. 6) ---------------------------------------------------
 
@@ -151,11 +151,11 @@ def test_extract_formulas_is_fast_on_a_megabyte():
 
 @pytest.fixture(scope="module")
 def encoder():
-    return evaluation.get_encoder()
+    return dsdr.get_encoder()
 
 
 def test_get_encoder_is_cached(encoder):
-    assert evaluation.get_encoder() is encoder
+    assert dsdr.get_encoder() is encoder
     assert encoder.max_seq_length == 256 and encoder.model.max_seq_length == 256
 
 
@@ -194,7 +194,7 @@ def test_encoder_embeds_each_unique_text_once(encoder, monkeypatch):
 
 def test_encoder_rejects_more_than_512_positions():
     with pytest.raises(ValueError, match="512"):
-        evaluation.SentenceEncoder(max_seq_length=513)
+        dsdr.SentenceEncoder(max_seq_length=513)
 
 
 # ---- group-level summaries --------------------------------------------------------------------------

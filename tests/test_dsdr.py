@@ -119,7 +119,7 @@ def test_local_term_adds_up_over_micro_batches_and_ranks():
     assert float(sum(parts) / 2) == pytest.approx(float(full), rel=1e-6)
 
 
-# ---- diversity scores: the shared eval.py implementation --------------------------------------------
+# ---- diversity scores (Eqs. 4–9; eval.py reuses D_emb and D_eq as metrics) ---------------------------
 
 
 class _FakeEncoder:
