@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import importlib
 import json
 import os
 import sys
@@ -40,50 +39,48 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import eval as evaluation  # (the project's eval.py, named to avoid the builtin)
 import verifier
+from arm import ARM
 from config import (ConfigError, OneLineParser, TrainConfig, add_dataclass_args, coerce_fields, flag_name,
                     resolve_defaults, validate)
+from curriculum import SENT, build_curriculum_sampler
 from data import PromptSampler, check_prompt_lengths, collate, load_prompts, render_prompts
 from distributed import (Dist, autocast, dummy_batch, pad_forwards, rng_state, set_rng_state, set_seed,
                          shard_model, to_device)
+from dsdr import DSDR
 from forward import place_fields, proxy_filter, split_micro_batches, token_fields
 from grpo import KNOWN_NEEDS, PRESETS, Method, Normaliser, informative_groups
+from lpreg import LpReg
 from rollout import load_policy, make_rollout, resolve_model_path
 from runfolder import (CheckpointError, Logger, warn_line, check_resume_compatible, close_run_folder,
                        open_run_folder, resume_checkpoint, save_checkpoint, step_was_skipped)
 
 # ====================================================================================================
-# Methods: the one registry. name → (module, class, base preset). Modules are imported on use so that
-# a paper file that does not exist yet gives a clear "not implemented yet" error.
+# Methods: the one registry. name → (class, base preset): grpo / dapo / dr_grpo are the base `Method`
+# with a grpo.py preset, the papers' methods their own class with their paper defaults.
 # ====================================================================================================
 METHODS = {
-    "grpo": ("grpo", "Method", "grpo"),
-    "dapo": ("grpo", "Method", "dapo"),
-    "dr_grpo": ("grpo", "Method", "dr_grpo"),
-    "dsdr": ("dsdr", "DSDR", None),
-    "lpreg": ("lpreg", "LpReg", None),
-    "arm": ("arm", "ARM", None),
-    "sent": ("curriculum", "SENT", None),
+    "grpo": (Method, "grpo"),
+    "dapo": (Method, "dapo"),
+    "dr_grpo": (Method, "dr_grpo"),
+    "dsdr": (DSDR, None),
+    "lpreg": (LpReg, None),
+    "arm": (ARM, None),
+    "sent": (SENT, None),
 }
 
 
 def method_class(name: str):
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    module_name, class_name, _ = METHODS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            raise ConfigError(f"method {name!r} is not implemented yet ({module_name}.py is missing)")
-        raise
-    return getattr(module, class_name)
+    return METHODS[name][0]
 
 
 def method_config_defaults(name: str):
     """The method's config with its paper defaults (or the grpo.py preset for grpo/dapo/dr_grpo)."""
     cls = method_class(name)
-    preset = METHODS[name][2]
+    preset = METHODS[name][1]
     return copy.deepcopy(PRESETS[preset]) if preset else cls.config_cls()
 
 
@@ -180,9 +177,8 @@ class Trainer:
         self.method.on_train_start(self)
         custom = self.method.prompt_sampler(self) if "prompt_sampler" in self.needs else None
         if custom is None and cfg.curriculum == "semantic-entropy":  # the SE curriculum under any method
-            import curriculum  # (SE of every prompt with the initial policy: cached in the run folder)
-
-            custom = curriculum.build_curriculum_sampler(self, self.method.cfg)
+            # (SE of every prompt with the initial policy: cached in the run folder)
+            custom = build_curriculum_sampler(self, self.method.cfg)
         if custom is not None:
             self.sampler = custom
         if resume_state:
@@ -549,8 +545,6 @@ class Trainer:
                           f"({self.skipped_steps} skipped so far; metrics.jsonl: skipped_steps)")
             metrics["skipped_steps"] = self.skipped_steps
             if cfg.eval_every and done % cfg.eval_every == 0:
-                import eval as evaluation
-
                 last_eval = (done, self.evaluate())
                 metrics.update(evaluation.flat_metrics(last_eval[1]))
             self.logger.log(done, metrics)
@@ -574,8 +568,6 @@ class Trainer:
             # the held-out evaluation of the final policy (already done if --eval-every hit the last step)
             summary = last_eval[1] if last_eval[0] == cfg.steps else self.evaluate()
             if self.dist.is_main:
-                import eval as evaluation
-
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
                 evaluation.plot_run(self.run_dir)
         self.logger.close()
@@ -594,8 +586,6 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Held-out evaluation (pass@k curve, avg@n, distinct correct) without disturbing training RNG."""
-        import eval as evaluation
-
         saved = rng_state()
         try:
             result = evaluation.evaluate_policy(self.rollout, self.tokenizer, self.eval_examples(),

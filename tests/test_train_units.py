@@ -147,18 +147,6 @@ def test_bad_input_is_one_line_before_compute(no_model_loading, capsys, argv, me
     assert message in err and "\n" not in err
 
 
-def test_unimplemented_method_says_so(capsys):
-    # methods whose paper file does not exist yet fail clearly (dsdr/lpreg/arm/sent come in their issues)
-    import importlib.util
-
-    for name, (module, _, _) in train.METHODS.items():
-        if importlib.util.find_spec(module) is None:
-            with pytest.raises(ConfigError, match="not implemented yet"):
-                train.parse_args(["--method", name])
-            assert train.main(["--method", name]) == 2
-            assert "not implemented yet" in capsys.readouterr().err
-
-
 def test_dataset_missing_fields(no_model_loading, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"text": "1+1?", "answer": "2"}) + "\n")  # no prompt/question/problem
