@@ -524,7 +524,7 @@ class Trainer:
 
     # ---- 3. the run -------------------------------------------------------------------------------
     def fit(self, on_step=None) -> dict:
-        """Train to cfg.steps; `on_step(step, metrics)` is called after each logged step (eval.py study)."""
+        """Train to cfg.steps; `on_step(step, metrics)` is called after each logged step (study.py study)."""
         cfg = self.cfg
         from tqdm.auto import tqdm
 
@@ -569,7 +569,9 @@ class Trainer:
             summary = last_eval[1] if last_eval[0] == cfg.steps else self.evaluate()
             if self.dist.is_main:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-                evaluation.plot_run(self.run_dir)
+                import study  # (study.py imports train: imported here, not at the top)
+
+                study.plot_run(self.run_dir)
         self.logger.close()
         close_run_folder(self._run_lock)  # the run folder is complete: another training may take it
         return summary

@@ -1,11 +1,11 @@
-"""eval.py compare / study, and held-out diversity in metrics.jsonl via --eval-every (issue 3)."""
+"""study.py compare / study, and held-out diversity in metrics.jsonl via --eval-every (issue 3)."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-import eval as evaluation
+import study
 import train
 
 
@@ -30,7 +30,7 @@ def _fake_run(path: Path, pass1: float, distinct: float, steps: int = 4, rewards
 def test_compare_pools_seeds_as_mean_and_sample_std(tmp_path):
     runs = [_fake_run(tmp_path / "grpo-s0", 0.30, 2.0), _fake_run(tmp_path / "grpo-s1", 0.50, 3.0),
             _fake_run(tmp_path / "dsdr-s0", 0.40, 4.0)]
-    table = evaluation.compare_runs(runs, tmp_path / "cmp")
+    table = study.compare_runs(runs, tmp_path / "cmp")
     lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in table.splitlines() if line.startswith("| ")}
     assert lines["grpo"][:3] == ["2", "4", "0.400 ± 0.141"]  # mean 0.4, sample std 0.1·√2
@@ -44,7 +44,14 @@ def test_compare_pools_seeds_as_mean_and_sample_std(tmp_path):
 
 def test_compare_cli_rejects_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(SystemExit, match="not a train.py run folder"):
-        evaluation.main(["compare", str(tmp_path)])
+        study.main(["compare", str(tmp_path)])
+
+
+def test_cli_without_a_command_is_one_line_exit_2(capsys):
+    for argv in ([], ["nope"]):
+        assert study.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: study.py needs a command, compare or study") and "\n" not in err
 
 
 def test_eval_every_logs_held_out_diversity(toy_model_dir, tmp_path):
@@ -66,8 +73,8 @@ def test_reduced_study_writes_table_and_plots_and_is_resumable(toy_model_dir, tm
     args = ["study", "--methods", "grpo,dr_grpo", "--seeds", "1", "--eval-every", "2", "--out", str(out),
             "--no-progress", "--", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8",
             "--eval-samples", "4", "--no-tensorboard"]
-    assert evaluation.main(args[:5] + ["--steps", "2"] + args[5:]) == 0  # an "interrupted" short study
-    assert evaluation.main(args[:5] + ["--steps", "4"] + args[5:]) == 0  # continues both runs to step 4
+    assert study.main(args[:5] + ["--steps", "2"] + args[5:]) == 0  # an "interrupted" short study
+    assert study.main(args[:5] + ["--steps", "4"] + args[5:]) == 0  # continues both runs to step 4
     for run in ("grpo-s0", "dr_grpo-s0"):
         rows = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -78,10 +85,10 @@ def test_reduced_study_writes_table_and_plots_and_is_resumable(toy_model_dir, tm
     assert (out / "study.png").stat().st_size > 10_000
     # a finished study is not redone
     monkeypatch.setattr(train.Trainer, "fit", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    assert evaluation.main(args[:5] + ["--steps", "4"] + args[5:]) == 0
+    assert study.main(args[:5] + ["--steps", "4"] + args[5:]) == 0
     assert "study.md" in capsys.readouterr().out
 
 
 def test_study_rejects_unknown_method_before_training(tmp_path):
     with pytest.raises(SystemExit, match="unknown method"):
-        evaluation.main(["study", "--methods", "grpo,nope", "--steps", "2", "--out", str(tmp_path / "s")])
+        study.main(["study", "--methods", "grpo,nope", "--steps", "2", "--out", str(tmp_path / "s")])
