@@ -1,6 +1,6 @@
 """bench.py — speed and memory of each method on the toy default; prints numbers, asserts nothing.
 
-    python bench.py                          # every implemented method, 8 steps each (first 2 = warm-up)
+    python bench.py                          # every method, 8 steps each (first 2 = warm-up)
     python bench.py --methods grpo,dapo --steps 12 --json bench.json
     python bench.py --real-size qwen2.5-1.5b --steps 3 --warmup 1 -- --max-new-tokens 1024   # on a GPU
 
