@@ -36,11 +36,12 @@ on-policy, the prepass with --mini-batches > 1), c_q from the prompt log-probs o
 (declared as the "prompt_logp" need). Both are per-sequence, so each micro-batch computes its own
 rows' Ã in `loss`; no batch-level pass and no extra forward are needed.
 
-Decision (ours) on the question span (spec ARM-2, Pitfall "Prompt span"): the loop tokenises the
-dataset's "prompt" string as it is (no chat template is applied, and the rollout batch carries no
-question boundaries), so Q is every prompt token that has a log-prob, i.e. `prompt_logp_mask` as the
-loop gives it (the first token of a sequence, e.g. BOS, has none). For the toy Countdown task the
-prompt *is* the question. With templated prompts this includes template/system tokens and inflates c_q.
+Decision (ours) on the question span (spec ARM-2, Pitfall "Prompt span"): the rollout batch carries no
+question boundaries inside the rendered prompt (math prompts get the chat or R1-Zero template,
+data.render_prompts; the toy's are used as they are), so Q is every prompt token that has a log-prob,
+i.e. `prompt_logp_mask` as the loop gives it (the first token of a sequence, e.g. BOS, has none). For
+the toy Countdown task the prompt *is* the question. With templated prompts Q also holds the template /
+system tokens, which inflates c_q.
 """
 
 from __future__ import annotations

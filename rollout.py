@@ -43,7 +43,7 @@ def load_policy(name: str, device: torch.device):
 # Rollouts
 # ====================================================================================================
 class HFRollout:
-    """Sampling with `model.generate`. The vLLM engine (issue on scale) implements the same call."""
+    """Sampling with `model.generate`. `VLLMRollout` below implements the same calls."""
 
     def __init__(self, model, tokenizer, cfg: TrainConfig, device, dist: "Dist | None" = None):
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
