@@ -286,7 +286,7 @@ class Method:
       2. `advantages(batch, rewards)`   → A per response                    (z-score / Dr. GRPO)
       3. `prepare_update(batch, rows, dist)` once per optimisation batch (`rows` of the rollout batch)
          when `needs_batch_fields`: batch["fields"] then holds detached per-token fields of the whole
-         rollout batch from the prepass (ARM, Lp-Reg, SENT select tokens or shift advantages from them):
+         rollout batch from the prepass (Lp-Reg and SENT select their tokens from them; ARM needs none):
          π_old's "old_logp", "entropy", "minp_proxy_logp", "prompt_logp", and from the second mini-batch
          on (--mini-batches > 1, the parameters have moved) the current policy's "cur_logp" /
          "cur_entropy" of these rows (absent on the first, where π_θ = π_old)
