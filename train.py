@@ -116,6 +116,23 @@ def _name_the_flag(message: str, names: set, method: str) -> str:
 # ====================================================================================================
 # The trainer
 # ====================================================================================================
+# The rollout batch: one dict per step on each rank, holding this rank's S = groups × G sequences.
+#   from sampling (Trainer.sample_groups): prompt_indices, examples [S] (the example of each sequence),
+#     prompt_ids, responses (token ids), texts, results (verifier verdicts), keys / answers [S],
+#     correct [S] float, group_ids [S], group_size G, time_generate / time_score; with vLLM rollout_logp
+#     [S, T] (the engine's log-prob of each sampled token, compared once with ours: rollout_gap)
+#   from data.collate: input_ids / attention_mask [S, P+T] (prompts left-padded to P, responses right-
+#     padded to T), prompt_mask [S, P], response_mask [S, T], prompt_len P, lengths [S], truncated [S]
+#   from the method hooks (train_step): rewards [S], advantages [S] float32; a method may attach
+#     per_seq[name] [S] (sliced into every micro-batch) and method_metrics[name] = (sum, count)
+#   fields (prepass / prepare_update): per-token [S, T] tensors, named by the policy they come from:
+#     π_old's old_logp, entropy, minp_proxy_logp, prompt_logp (+ prompt_logp_mask) [S, P]; the current
+#     policy's cur_logp / cur_entropy (from the second mini-batch on); a method's selections (lp_selected,
+#     sent_tier)
+# A micro-batch `mb` (forward.slice_batch) holds the same per-sequence and per-token keys for its rows,
+# trimmed to its own longest prompt / response, plus logp (with grad), mask (= response_mask, the name the
+# methods' losses read) and, when needed, ref_logp.
+# ====================================================================================================
 class Trainer:
     def __init__(self, cfg: TrainConfig, method_overrides: dict | None = None):
         self.dist = Dist()
