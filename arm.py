@@ -34,7 +34,7 @@ Where the data come from (spec A6). c_o and c_q are statistics of the rollout po
 gradient. Both come from the forward pass the loop already runs: c_o from old_logp (logp.detach()
 on-policy, the prepass with --mini-batches > 1), c_q from the prompt log-probs of the same forward
 (declared as the "prompt_logp" need). Both are per-sequence, so each micro-batch computes its own
-rows' Ã in `loss`; no batch-level pass and no extra forward are needed.
+rows' Ã in `update_advantages`; no batch-level pass and no extra forward are needed.
 
 Decision (ours) on the question span (spec ARM-2, Pitfall "Prompt span"): the rollout batch carries no
 question boundaries inside the rendered prompt (math prompts get the chat or R1-Zero template,
@@ -188,24 +188,12 @@ def shift_advantages(advantages: torch.Tensor, c_q: torch.Tensor, c_o: torch.Ten
 
     Additive (A1), neither clipped nor re-standardised (A7). Inactive rows are returned bit-for-bit
     (torch.where, not a multiplication by 0), and α = 0 adds an exact 0.0, so α = 0 is GRPO exactly.
+    Example (spec): G = 8 with one correct response has A = +2.474867 / −0.353553; with α = 0.3 and
+    c_q = 0.5 the correct response with c_o = 0.2 gets 2.564867, an incorrect one with c_o = 0.6 gets
+    −0.383553 (or −0.353553 with on_incorrect=False, where `arm_active` leaves it out).
     """
     shift = alpha * (c_q.detach().to(advantages.dtype) - c_o.detach().to(advantages.dtype))
     return torch.where(active.bool(), advantages.detach() + shift, advantages.detach())
-
-
-def arm_advantages(advantages: torch.Tensor, c_q: torch.Tensor, c_o: torch.Tensor, correct: torch.Tensor,
-                   group_size: int, alpha: float = 0.3, on_incorrect: bool = True,
-                   on_all_correct: bool = True) -> torch.Tensor:
-    """Ã for whole groups (ARM-3): `advantages`, `c_o`, `correct` are [S]; `c_q` is [S] or one per group.
-
-    Example (spec): G = 8 with one correct response has A = +2.474867 / −0.353553; with α = 0.3 and
-    c_q = 0.5 the correct response with c_o = 0.2 gets 2.564867, an incorrect one with c_o = 0.6 gets
-    −0.383553 (or −0.353553 with on_incorrect=False).
-    """
-    if c_q.numel() * group_size == advantages.numel():  # one c_q per prompt: the shared anchor
-        c_q = c_q.repeat_interleave(group_size)
-    active = arm_active(correct, group_size, on_incorrect, on_all_correct)
-    return shift_advantages(advantages, c_q, c_o, active, alpha)
 
 
 # ====================================================================================================
@@ -216,7 +204,8 @@ def arm_advantages(advantages: torch.Tensor, c_q: torch.Tensor, c_o: torch.Tenso
 class ARM(GRPO):
     """GRPO (clip 0.2/0.28, token-mean) with the ARM-3 advantage shift. Hooks overridden:
     `needs` (prompt log-probs; entropy for low_select="entropy"), `advantages` (which responses the
-    shift applies to, from the correctness bits) and `loss` (c_o, c_q and Ã for the micro-batch's rows)."""
+    shift applies to, from the correctness bits) and `update_advantages` (c_o, c_q and Ã for the
+    micro-batch's rows; the base loss then uses Ã)."""
 
     name = "arm"
     config_cls = ARMConfig
@@ -244,32 +233,31 @@ class ARM(GRPO):
     def confidences(self, mb) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_q, c_o) of the micro-batch's rows from π_old's detached fields (ARM-1, ARM-2; A4, A5)."""
         entropy = mb["entropy"] if self.cfg.low_select == "entropy" else None
-        c_o = answer_confidence(mb["old_logp"], mb["mask"], self.cfg.low_frac, entropy)
+        c_o = answer_confidence(mb["old_logp"], mb["response_mask"], self.cfg.low_frac, entropy)
         c_q = prompt_confidence(mb["prompt_logp"], mb["prompt_logp_mask"],
                                 self.cfg.low_frac if self.cfg.prompt_low_only else None)
         return c_q, c_o
 
-    def loss(self, mb, norm: Normaliser) -> tuple[torch.Tensor, dict]:
+    def update_advantages(self, mb, norm: Normaliser, stats: dict) -> torch.Tensor:
         c_q, c_o = self.confidences(mb)
         base_adv = mb["advantages"]
         shifted = shift_advantages(base_adv, c_q, c_o, mb["arm_active"], self.cfg.alpha)  # ARM-3
-        loss, stats = super().loss({**mb, "advantages": shifted}, norm)  # clipped surrogate with Ã
         # Means over the sequences of the optimisation batch: each micro-batch adds its rows' share
         # Σ/S (S global), and the loop sums these over micro-batches and ranks. Rows the loss drops
         # (mask_truncated) are left out, as they are from S.
         counted = torch.ones_like(c_o)
         if self.cfg.mask_truncated:
-            counted = (~mb["truncated"]).to(c_o.dtype)
+            counted = (~mb["truncated"].bool()).to(c_o.dtype)
         n_seqs = max(norm.n_seqs, 1.0)
         delta = (shifted - base_adv).to(c_o.dtype)
         stats["arm/c_o"] = float((c_o * counted).sum()) / n_seqs  # answer confidence (ARM-1)
         stats["arm/c_q"] = float((c_q * counted).sum()) / n_seqs  # prompt confidence (ARM-2)
         stats["arm/shift"] = float((delta * counted).sum()) / n_seqs  # mean Ã − A (0 where inactive)
         stats["arm/shift_abs"] = float((delta.abs() * counted).sum()) / n_seqs  # mean |Ã − A| < α
-        return loss, stats
+        return shifted
 
 
 __all__ = [
     "ARMConfig", "ARM", "low_token_count", "low_token_mask", "mean_confidence", "answer_confidence",
-    "prompt_confidence", "arm_active", "shift_advantages", "arm_advantages",
+    "prompt_confidence", "arm_active", "shift_advantages",
 ]

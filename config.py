@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import toy
 import verifier
 
 # ====================================================================================================
@@ -120,16 +121,11 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     # every value as its field's declared type (a programmatic TrainConfig gets the same checks as the CLI)
     for name, value in coerce_fields(TrainConfig, dataclasses.asdict(cfg)).items():
         setattr(cfg, name, value)
-    toy = cfg.model == TOY
+    on_toy = cfg.model == TOY
     if cfg.lr is None:
-        cfg.lr = TOY_LR if toy else 1e-6
+        cfg.lr = TOY_LR if on_toy else 1e-6
     if cfg.max_new_tokens is None:
-        if toy:
-            import toy as toy_module
-
-            cfg.max_new_tokens = toy_module.MAX_NEW_TOKENS
-        else:
-            cfg.max_new_tokens = 1024
+        cfg.max_new_tokens = toy.MAX_NEW_TOKENS if on_toy else 1024
     if cfg.out is None:
         cfg.out = f"runs/{cfg.method}-s{cfg.seed}"
     if cfg.curriculum is None:  # the CLI's value parser reads "none" as None

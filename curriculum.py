@@ -42,10 +42,10 @@ import torch
 
 import verifier
 from data import collate
-from distributed import autocast, rng_state, set_rng_state, set_seed, to_device
-from forward import split_micro_batches, token_fields
+from distributed import rng_state, set_rng_state, set_seed
+from forward import no_grad_fields
 from grpo import GRPOConfig, Method, Normaliser, aggregate, clipped_surrogate, k3_kl
-from rollout import HFRollout, load_policy, resolve_model_path
+from rollout import HFRollout, load_policy, resolve_model_path, sample_and_verify
 
 SE_WEIGHTS = ("prob", "count")
 STAGE_SPLITS = ("quantile", "threshold")
@@ -128,6 +128,8 @@ class SENTConfig(CurriculumConfig, GRPOConfig):
             raise ValueError(f"cov_center must be 'low' or 'all', got {self.cov_center!r}")
         if self.sent_scope is not None and self.sent_scope not in SCOPES:
             raise ValueError(f"sent_scope must be 'batch' or 'microbatch', got {self.sent_scope!r}")
+        if self.release_compat and self.agg != "token-mean":  # the release's loss is token-mean throughout
+            raise ValueError(f"agg must be token-mean under release_compat (as in the release), got {self.agg!r}")
 
     @property
     def scope(self) -> str:
@@ -322,29 +324,17 @@ def _read_cache(path: Path) -> dict[int, dict]:
 def _sample_chunk(model, tokenizer, cfg, examples: list[dict], M: int, device) -> list[dict]:
     """M samples per prompt from π_0 (T, top_p and max length of training), their extracted answers,
     clusters (shared "none" cluster; S3's switch is applied later) and mean token log-probs."""
-    rollout = HFRollout(model, tokenizer, cfg, device)
-    prompt_ids = [tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"] for ex in examples]
-    responses = rollout.generate(prompt_ids, M)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(M)], mode=cfg.answer_mode)
-    # mean log π_0(o_t | h_t) from the same chunked logits / T as training (forward.token_fields)
-    batch = collate([p for p in prompt_ids for _ in range(M)], responses, tokenizer.pad_token_id,
+    raw = sample_and_verify(HFRollout(model, tokenizer, cfg, device), tokenizer, examples, M, cfg.answer_mode)
+    # mean log π_0(o_t | h_t) from the same chunked logits / T as training (forward.no_grad_fields)
+    batch = collate([p for p in raw["prompt_ids"] for _ in range(M)], raw["responses"], tokenizer.pad_token_id,
                     tokenizer.eos_token_id)
-    mean_logp = torch.zeros(len(responses), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    for mb in split_micro_batches(batch, list(range(len(responses))), cfg.micro_batch_tokens):
-        rows = mb["rows"]
-        mb = to_device(mb, device)
-        with autocast(device):
-            logp = token_fields(model, mb, cfg.temperature, set(), with_grad=False,
-                                chunk_rows=cfg.logit_chunk_rows)["logp"].double().cpu()
-        mask = mb["response_mask"].double().cpu()
-        mean_logp[rows] = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-    model.train(was_training)
+    logp = no_grad_fields(model, batch, list(range(len(raw["responses"]))), cfg.temperature, set(),
+                          cfg.micro_batch_tokens, cfg.logit_chunk_rows)["logp"].double()
+    mask = batch["response_mask"].double()
+    mean_logp = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     out = []
     for j, ex in enumerate(examples):
-        answers = [r.answer for r in results[j * M:(j + 1) * M]]
+        answers = [r.answer for r in raw["results"][j * M:(j + 1) * M]]
         out.append({"answers": answers, "clusters": answer_clusters(answers, ex.get("task", "math")),
                     "mean_logp": [float(x) for x in mean_logp[j * M:(j + 1) * M]]})
     return out
@@ -569,8 +559,8 @@ def release_token_loss(logp, old_logp, ref_logp, advantages, coef):
 
 class SENT(Method):
     """GRPO (clip 0.2, token-mean) + tiered k3 KL on low-entropy tokens + the SE curriculum.
-    Hooks overridden: `prompt_sampler` (§2), `prepare_update` (§3, batch scope), `loss` (§4), and
-    `shape_rewards` only to apply S7's stage restart before the first update of a stage."""
+    Hooks overridden: `curriculum` (§2), `begin_step` (S7's stage restart), `prepare_update` (§3, batch
+    scope), `token_loss` (§4) and, under release_compat, `extra_loss`."""
 
     name = "sent"
     config_cls = SENTConfig
@@ -579,7 +569,6 @@ class SENT(Method):
         super().__init__(config)
         # S8: batch scope selects over the whole optimisation batch before the first backward
         self.needs_batch_fields = self.cfg.scope == "batch"
-        self._ctx = None
         self._stage_seen = 0  # the last stage whose start was handled (S7)
 
     @property
@@ -587,70 +576,33 @@ class SENT(Method):
         return self.cfg.release_compat or self.cfg.beta_high > 0 or self.cfg.beta_low > 0
 
     def needs(self) -> set[str]:
-        needs = super().needs() | {"entropy"}
-        if self.uses_ref:
-            needs.add("ref_logp")
-        if self.cfg.se_curriculum:
-            needs |= {"prompt_sampler", "init_policy_samples", "answers"}
-        return needs
+        return super().needs() | {"entropy"} | ({"ref_logp"} if self.uses_ref else set())
 
     # ---- data side ------------------------------------------------------------------------------
-    def on_train_start(self, ctx) -> None:
-        self._ctx = ctx
+    def curriculum(self):
+        return self.cfg if self.cfg.se_curriculum else None
 
-    def prompt_sampler(self, ctx):
-        return build_curriculum_sampler(ctx, self.cfg) if self.cfg.se_curriculum else None
-
-    def shape_rewards(self, batch) -> torch.Tensor:
-        ctx = self._ctx
-        stage = getattr(getattr(ctx, "sampler", None), "stage", 0)
-        if stage != self._stage_seen:
-            if self.cfg.stage_restart:
-                self._restart_stage(stage)
-            self._stage_seen = stage
-        return super().shape_rewards(batch)
-
-    def _ref_dir(self, stage: int) -> Path:
-        return Path(self._ctx.run_dir) / "sent_ref" / f"stage_{stage}"
-
-    def _restart_stage(self, stage: int) -> None:
-        """S7 (release: one run per stage, stage 2 initialised from stage 1): π_ref ← a frozen *copy* of
-        the current policy (saved, so --resume restores it), and a fresh optimiser (the LR is constant,
-        so there is no schedule to restart)."""
-        ctx = self._ctx
-        if ctx.ref_model is not None:
-            ctx.ref_model.load_state_dict(ctx.model.state_dict())  # copies the values: never an alias
-            if ctx.dist.is_main:
-                ctx.ref_model.save_pretrained(self._ref_dir(stage), safe_serialization=True)
-            ctx.dist.barrier()
-        ctx.optimizer = torch.optim.AdamW(ctx.model.parameters(), lr=ctx.cfg.lr, weight_decay=ctx.cfg.weight_decay)
+    def begin_step(self, stage: int) -> set[str]:
+        """S7 (release: one run per stage, stage 2 initialised from stage 1): at the first step of a new
+        stage, π_ref ← a frozen copy of the current policy and a fresh optimiser (the LR is constant, so
+        there is no schedule to restart). The loop does both, and saves the new reference for --resume."""
+        actions = set()
+        if stage != self._stage_seen and self.cfg.stage_restart:
+            actions = {"reset_reference", "reset_optimizer"}
+        self._stage_seen = stage
+        return actions
 
     def state_dict(self) -> dict:
         return {"stage_seen": self._stage_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self._stage_seen = state.get("stage_seen", 0)
-        ctx = self._ctx
-        if self.cfg.stage_restart and self._stage_seen > 0 and ctx is not None and ctx.ref_model is not None:
-            from safetensors.torch import load_file
-
-            ref_dir = self._ref_dir(self._stage_seen)
-            # strict=False only for tied weights, which save_pretrained stores once (lm_head = embeddings)
-            result = ctx.ref_model.load_state_dict(load_file(str(ref_dir / "model.safetensors")), strict=False)
-            tied = {"lm_head.weight"} if getattr(ctx.ref_model.config, "tie_word_embeddings", False) else set()
-            if set(result.missing_keys) - tied or result.unexpected_keys:
-                raise RuntimeError(f"stage-restart reference in {ref_dir} does not match the model: {result}")
 
     # ---- token side -----------------------------------------------------------------------------
-    def _sets(self, entropy, logp, advantages, mask) -> torch.Tensor:
+    def _tiers(self, entropy, logp, advantages, mask) -> torch.Tensor:
         c = self.cfg
         return sent_token_sets(entropy, logp, advantages, mask, c.low_frac, c.cov_fraction, c.cov_center,
                                release=c.release_compat)["tier"]
-
-    def _mask(self, mask, truncated):
-        if self.cfg.mask_truncated and truncated is not None:
-            return mask * (~truncated).to(mask.dtype).unsqueeze(-1)
-        return mask
 
     def prepare_update(self, batch, rows: list[int], dist) -> None:
         """S8 batch scope: T_low, the means and T_hc over the whole optimisation batch of every rank.
@@ -663,34 +615,27 @@ class SENT(Method):
         follow S11, as Lp-Reg's ranking does (its spec L4) and as the release does in every micro-batch:
         before each mini-batch after the first the loop refreshes π_θ's "cur_entropy" / "cur_logp" with a
         no-grad forward over these rows; on the first mini-batch π_θ = π_old and π_old's "entropy" /
-        "old_logp" (prepass or fused forward) stand in for them.
+        "old_logp" (the prepass) stand in for them.
         """
         fields = batch["fields"]
         index = torch.tensor(rows, dtype=torch.long)
-        if rows:
-            mask = self._mask(batch["response_mask"][index], batch["truncated"][index]).bool()
-            current = "cur_logp" in fields  # refreshed for these rows: both current fields are present
-            ent = (fields["cur_entropy"] if current else fields["entropy"])[index]
-            lp = (fields["cur_logp"] if current else fields["old_logp"])[index]
-            adv = batch["advantages"][index].unsqueeze(-1).expand_as(lp)
-            local = (ent[mask], lp[mask], adv[mask])
-        else:
-            mask, local = None, (torch.zeros(0),) * 3
-        parts = dist.gather_objects(local)
+        mask = self.loss_mask({"response_mask": batch["response_mask"][index],
+                               "truncated": batch["truncated"][index]}).bool()
+        current = "cur_logp" in fields  # refreshed for these rows: both current fields are present
+        ent = (fields["cur_entropy"] if current else fields["entropy"])[index]
+        lp = (fields["cur_logp"] if current else fields["old_logp"])[index]
+        adv = batch["advantages"][index].unsqueeze(-1).expand_as(lp)
+        parts = dist.gather_objects((ent[mask], lp[mask], adv[mask]))
         flat = [torch.cat([p[j].to(torch.float64) for p in parts]) for j in range(3)]
         ones = torch.ones(1, flat[0].numel())  # the global batch as one row of valid tokens
-        tier = self._sets(flat[0].unsqueeze(0), flat[1].unsqueeze(0), flat[2].unsqueeze(0), ones)[0]
+        tier = self._tiers(flat[0].unsqueeze(0), flat[1].unsqueeze(0), flat[2].unsqueeze(0), ones)[0]
         offset = sum(p[0].numel() for p in parts[:dist.rank])
-        if "sent_tier" not in fields:
-            fields["sent_tier"] = torch.zeros(batch["response_mask"].shape, dtype=torch.float32)
-        if rows:
-            mine = tier[offset:offset + int(mask.sum())]
-            block = torch.zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, mine)
-            fields["sent_tier"][index] = block
+        fields.setdefault("sent_tier", torch.zeros(batch["response_mask"].shape, dtype=torch.float32))
+        mine = tier[offset:offset + int(mask.sum())]
+        fields["sent_tier"][index] = torch.zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, mine)
 
-    def loss(self, mb, norm: Normaliser) -> tuple[torch.Tensor, dict]:
+    def token_loss(self, mb, advantages, mask, stats: dict):
         c = self.cfg
-        mask = self._mask(mb["mask"], mb.get("truncated"))
         if c.scope == "batch":
             tier = mb["sent_tier"].to(mask.device)
         else:  # S8 switch (release scope): the statistics of this micro-batch only, from this forward:
@@ -698,25 +643,28 @@ class SENT(Method):
             # on its second optimiser step per rollout, where π_old's prepass values would be stale).
             # "cur_entropy" is the training forward's; without it (a hand-built mb) "entropy" stands in.
             entropy = mb["cur_entropy"] if "cur_entropy" in mb else mb["entropy"]
-            tier = self._sets(entropy, mb["logp"].detach(), mb["advantages"], mask).to(mask.device)
+            tier = self._tiers(entropy, mb["logp"].detach(), advantages, mask).to(mask.device)
         tier = tier * mask
         beta = tier_betas(tier, c.beta_high, c.beta_low)
         m = mask.bool()
-        stats = {"sent_low_count": float(((tier > 0) & m).sum()), "sent_n_hc": float(((tier == TIER_HIGH) & m).sum()),
-                 "sent_beta_sum": float((beta * mask).sum())}
+        stats["sent_low_count"] = float(((tier > 0) & m).sum())
+        stats["sent_n_hc"] = float(((tier == TIER_HIGH) & m).sum())
+        stats["sent_beta_sum"] = float((beta * mask).sum())
         ref_logp = mb.get("ref_logp") if self.uses_ref else None
-        if c.release_compat:
-            per_token, kl = release_token_loss(mb["logp"], mb["old_logp"], ref_logp, mb["advantages"], beta)
-            loss = aggregate(per_token, mask, "token-mean", norm) + \
-                RELEASE_EXTRA_KL * aggregate(kl, mask, "token-mean", norm)
+        if c.release_compat:  # no clipping: (ℓ, None, None)
+            per_token, kl = release_token_loss(mb["logp"], mb["old_logp"], ref_logp, advantages, beta)
+            low = high = None
         else:
-            per_token, low, high, kl = sent_token_loss(mb["logp"], mb["old_logp"], ref_logp, mb["advantages"], beta,
+            per_token, low, high, kl = sent_token_loss(mb["logp"], mb["old_logp"], ref_logp, advantages, beta,
                                                       c.eps_low, c.eps_high)
-            stats["clip_low_count"] = float((low & m).sum())
-            stats["clip_high_count"] = float((high & m).sum())
-            loss = aggregate(per_token, mask, c.agg, norm)
         stats["sent_kl_sum"] = float((kl.detach() * mask).sum())
-        return loss, stats
+        return per_token, low, high
+
+    def extra_loss(self, mb, mask, norm: Normaliser, stats: dict) -> torch.Tensor | None:
+        """release_compat: + 0.001 · token-mean k3(π_θ ‖ π_ref) over all valid tokens (S1)."""
+        if not self.cfg.release_compat:
+            return None
+        return RELEASE_EXTRA_KL * aggregate(k3_kl(mb["logp"], mb["ref_logp"]), mask, "token-mean", norm)
 
 
 __all__ = [

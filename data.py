@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import toy
 from config import COUNTDOWN_SPLITS, ConfigError, TrainConfig
 
 # ====================================================================================================
@@ -146,8 +147,6 @@ def load_prompts(cfg: TrainConfig, split: str | None = None) -> list[dict]:
     "math"). Templates are applied later, when the tokenizer is known (`render_prompts`)."""
     split = split or cfg.split
     if cfg.dataset == "countdown":
-        import toy
-
         if split not in COUNTDOWN_SPLITS:  # a typo must not silently give the training prompts
             raise ConfigError(f"--split must be one of {', '.join(COUNTDOWN_SPLITS)} for countdown, got {split!r}")
         return toy.load_split("heldout" if split in ("test", "heldout", "validation") else "train")
@@ -268,11 +267,17 @@ def check_prompt_lengths(examples: list[dict], tokenizer, cfg: TrainConfig, cont
 
 
 class PromptSampler:
-    """Seeded epoch-wise shuffling; its state (epoch, position) is checkpointed for exact resume."""
+    """Seeded epoch-wise shuffling; its state (epoch, position) is checkpointed for exact resume.
+    `set_step` / `stage` are the curriculum sampler's interface (curriculum.CurriculumSampler): one stage."""
+
+    stage = 0
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
         self._perm = self._permutation()
+
+    def set_step(self, step: int) -> None:
+        pass
 
     def _permutation(self):
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
@@ -321,3 +326,69 @@ def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: 
     truncated = torch.tensor([not r or r[-1] != eos_id for r in response_ids])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
             "prompt_mask": prompt_mask, "prompt_len": P, "lengths": lengths, "truncated": truncated}
+
+
+# ====================================================================================================
+# The rollout batch
+# ====================================================================================================
+# The rollout batch: one dict per step on each rank, holding this rank's S = groups × G sequences.
+#   from sampling (train.Trainer.sample_groups → rollout.sample_and_verify): prompt_indices, examples [S] (the example of each sequence), prompt_ids,
+#     responses (token ids), texts, results (verifier verdicts), keys / answers [S], correct [S] float,
+#     group_ids [S], group_size G, time_generate / time_score; with vLLM rollout_logp [S, T] (the engine's
+#     log-prob of each sampled token, compared once with ours: rollout_gap)
+#   from collate: input_ids / attention_mask [S, P+T] (prompts left-padded to P, responses right-
+#     padded to T), prompt_mask [S, P], response_mask [S, T], prompt_len P, lengths [S], truncated [S]
+#   from the method hooks: rewards [S], advantages [S] float32; a method may attach per_seq[name] [S]
+#     (sliced into every micro-batch) and method_metrics[name] = (sum, count)
+#   fields (the no-grad prepass, then prepare_update): per-token [S, T] tensors named by the policy they come
+#     from: π_old's old_logp, entropy, prompt_logp (+ prompt_logp_mask) [S, P] and the method's own fields
+#     (minp_proxy_logp); the current policy's cur_logp / cur_entropy (from the second mini-batch on); a
+#     method's selections (lp_selected, sent_tier)
+# A micro-batch `mb` (forward.slice_batch) holds the same per-sequence and per-token keys for its rows,
+# trimmed to its own longest prompt / response, plus logp (with grad), cur_entropy (this forward's entropy,
+# when computed) and, when needed, ref_logp.
+# ====================================================================================================
+def build_rollout_batch(raw: dict, G: int, tokenizer, max_new_tokens: int) -> dict:
+    """Lists of whole groups (rollout.sample_and_verify + prompt_indices / examples) → the rollout batch:
+    padded tensors plus everything the method hooks read."""
+    batch = collate([p for p in raw["prompt_ids"] for _ in range(G)], raw["responses"], tokenizer.pad_token_id,
+                    tokenizer.eos_token_id)
+    batch.update(raw)
+    results = raw["results"]
+    batch.update({
+        "examples": [ex for ex in raw["examples"] for _ in range(G)],
+        "correct": torch.tensor([r.correct for r in results], dtype=torch.float32),
+        "keys": [r.key for r in results], "answers": [r.answer for r in results],
+        "group_ids": torch.arange(len(raw["examples"])).repeat_interleave(G), "group_size": G,
+        "max_new_tokens": max_new_tokens,
+    })
+    if "rollout_logp" in raw:  # [S, T] like response_mask, compared with the trainer's in the update
+        batch["rollout_logp"] = padded_engine_logp(raw["rollout_logp"], batch["response_mask"].shape[1])
+        batch["gap_pending"] = True
+    return batch
+
+
+def keep_groups(raws: list[dict], chosen: list[int], B: int, G: int, rank: int, world: int) -> dict:
+    """DAPO dynamic sampling: the groups `chosen` (indices in the global order of the rollout batches
+    `raws`, B groups each, split over ranks in equal shares) that this rank holds, as one raw batch."""
+    chosen, per_rank = set(chosen), B // world
+    per_seq = ("responses", "texts", "results") + (("rollout_logp",) if "rollout_logp" in raws[0] else ())
+    kept = {k: [] for k in ("prompt_indices", "examples", "prompt_ids") + per_seq}
+    for j, r in enumerate(raws):
+        for g in range(per_rank):
+            if j * B + rank * per_rank + g in chosen:
+                for k in ("prompt_indices", "examples", "prompt_ids"):
+                    kept[k].append(r[k][g])
+                for k in per_seq:
+                    kept[k].extend(r[k][g * G:(g + 1) * G])
+    kept["time_generate"] = sum(r["time_generate"] for r in raws)
+    kept["time_score"] = sum(r["time_score"] for r in raws)
+    return kept
+
+
+def padded_engine_logp(logprobs: list[list[float]], T: int) -> torch.Tensor:
+    """The engine's per-token log-probs as [S, T] like response_mask (zeros after each response)."""
+    out = torch.zeros((len(logprobs), T), dtype=torch.float32)
+    for i, lp in enumerate(logprobs):
+        out[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return out

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import sys
+import time
 
 import numpy as np
 import torch
@@ -100,6 +103,59 @@ def shard_model(model, dist: "Dist", device: torch.device) -> None:
     dist.fsdp = True
 
 
+def load_optimizer_state(model, optimizer, state: dict, dist: "Dist") -> None:
+    """A checkpoint's full (name-keyed) optimiser state; under FSDP2 each rank takes its shards."""
+    if dist.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def clip_and_step(model, optimizer, grad_clip: float, dist: "Dist") -> tuple[float, bool]:
+    """Average the gradients over ranks, clip their global norm, step unless it is not finite (the step is
+    then skipped, and logged), zero them. Returns (gradient norm before clipping, stepped)."""
+    dist.average_gradients(model)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        grad_norm = grad_norm.full_tensor()
+    stepped = bool(torch.isfinite(grad_norm))
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), stepped
+
+
+def reduce_stats(stats: dict, dist: "Dist", n_tokens: float) -> dict:
+    """A loss's stats summed over micro-batches → global values: "<x>_count" / "<x>_sum" become per-token
+    means "<x>" (clip_low / clip_high as clip_frac_low / clip_frac_high), others global sums. Every rank
+    reduces the same keys in the same order (a rank may hold no rows of this batch)."""
+    keys = sorted(set().union(*dist.gather_objects(sorted(stats)))) if dist.enabled else list(stats)
+    out = {}
+    for k in keys:
+        total = dist.sum(stats.get(k, 0.0))
+        if k.endswith("_count"):
+            out[k[:-6].replace("clip_low", "clip_frac_low").replace("clip_high", "clip_frac_high")] = \
+                total / max(n_tokens, 1.0)
+        elif k.endswith("_sum"):
+            out[k[:-4]] = total / max(n_tokens, 1.0)
+        else:
+            out[k] = total
+    return out
+
+
+def reduce_means(pairs: dict, dist: "Dist") -> dict:
+    """name → (sum, count) over this rank's sequences → name → global mean (None where the count is 0)."""
+    keys = sorted(set().union(*dist.gather_objects(sorted(pairs)))) if dist.enabled else list(pairs)
+    out = {}
+    for key in keys:
+        total, count = pairs.get(key, (0.0, 0.0))
+        count = dist.sum(count)
+        out[key] = dist.sum(total) / count if count else None
+    return out
+
+
 def pad_forwards(dist: "Dist", n_local: int) -> int:
     """How many empty forwards this rank must add so that every rank runs the same number (FSDP2)."""
     return int(dist.max(n_local)) - n_local if dist.fsdp else 0
@@ -141,3 +197,18 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def report_config_error(e: Exception, grace_s: float = 5.0) -> None:
+    """"error: ..." on stderr once, and leave the process group. Under torchrun every rank meets the same bad
+    input: rank 0 prints it; another rank waits `grace_s` for torchrun to stop it after rank 0's exit
+    (leaving then with code 2, not -15) and prints the error itself only if it is still running, i.e.
+    if rank 0 did not fail the same way."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if rank != 0 and world > 1:
+        sys.stderr.flush()
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+        time.sleep(grace_s)
+    print(f"error: {e}", file=sys.stderr)

@@ -27,9 +27,8 @@ from config import (MIN_TEMPERATURE, PROMPT_TEMPLATES, ROLLOUTS, TOY, ConfigErro
                     check_model_path, check_vllm, resolve_defaults)
 from data import KNOWN_DATASETS, check_prompt_lengths, collate, load_prompts, render_prompts
 from dsdr import SentenceEncoder, embedding_distance_matrix, extract_formulas, formula_uniqueness, get_encoder
-from distributed import autocast, dummy_batch, pad_forwards, to_device
-from forward import split_micro_batches, token_fields
-from rollout import HFRollout, VLLMRollout, load_policy, resolve_model_path
+from forward import no_grad_fields
+from rollout import HFRollout, VLLMRollout, load_policy, resolve_model_path, sample_and_verify
 from runfolder import latest_checkpoint
 
 # ====================================================================================================
@@ -222,31 +221,18 @@ def group_diversity(z: torch.Tensor, formula_sets: list[set[str]], only: list[bo
     return semantic, formula
 
 
-@torch.no_grad()
 def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int,
                    temperature: float, token_budget: int = 16384, dist=None) -> tuple[list[float], list[int]]:
     """Per sample: the sum over its tokens of the policy's entropy H(π(·|context)/T) and its token count,
-    from one no-grad forward of (prompt, response) in micro-batches (vocabulary in chunks, forward.py)."""
-    device = next(model.parameters()).device
-    sums = torch.zeros(len(responses), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    micro_batches = []
-    if responses:
-        batch = collate(prompt_ids, responses, pad_id, eos_id)
-        micro_batches = split_micro_batches(batch, list(range(len(responses))), token_budget)
-    if dist is not None:  # FSDP2: as many forwards as the other ranks
-        for _ in range(pad_forwards(dist, len(micro_batches))):
-            token_fields(model, dummy_batch(pad_id, device), temperature, set(), with_grad=False)
-    if not responses:
-        model.train(was_training)
+    from one no-grad forward of (prompt, response) in micro-batches (forward.no_grad_fields)."""
+    if not responses:  # (under FSDP2 the other ranks' forwards are still matched)
+        batch = collate([[pad_id]], [[eos_id]], pad_id, eos_id)
+        no_grad_fields(model, batch, [], temperature, {"entropy"}, token_budget, dist=dist, pad_id=pad_id)
         return [], []
-    for mb in micro_batches:
-        mb = to_device(mb, device)
-        with autocast(device):
-            entropy = token_fields(model, mb, temperature, {"entropy"}, with_grad=False)["entropy"]
-        sums[mb["rows"].cpu()] = (entropy.float() * mb["response_mask"]).sum(-1).double().cpu()
-    model.train(was_training)
+    batch = collate(prompt_ids, responses, pad_id, eos_id)
+    entropy = no_grad_fields(model, batch, list(range(len(responses))), temperature, {"entropy"}, token_budget,
+                             dist=dist, pad_id=pad_id)["entropy"]
+    sums = (entropy * batch["response_mask"]).sum(-1).double()
     return sums.tolist(), batch["lengths"].tolist()
 
 
@@ -265,13 +251,11 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
     world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
     torch.manual_seed(seed + rank)
     mine = examples[rank::world]
-    prompt_ids = [tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"] for ex in mine]
     sharded = dist is not None and getattr(dist, "fsdp", False)  # FSDP2: every rank must take part
     extra = {"top_k": top_k} if top_k else {}  # (rollouts without top-k support still work without it)
-    responses = rollout.generate(prompt_ids, n, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, **extra) if mine or sharded else []
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
-    results = verifier.verify_batch(texts, [ex for ex in mine for _ in range(n)], mode=answer_mode)
+    raw = sample_and_verify(rollout, tokenizer, mine, n, answer_mode, generate=bool(mine) or sharded,
+                            temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, **extra)
+    prompt_ids, responses, texts, results = raw["prompt_ids"], raw["responses"], raw["texts"], raw["results"]
     per_problem = [problem_metrics(results[i * n:(i + 1) * n], ex, texts[i * n:(i + 1) * n])
                    for i, ex in enumerate(mine)]
     if diversity and texts:

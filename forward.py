@@ -10,73 +10,43 @@ read the policy through it.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from distributed import autocast, dummy_batch, pad_forwards, to_device
 
 # ====================================================================================================
 # Per-token quantities from one forward pass, computed over the vocabulary in chunks of rows
 # ====================================================================================================
-def _chunk_stats(h, lm_head, targets, temperature, want: set, minp_kappa: float, fixed_tau: float | None = None,
-                 filter_logits: str = "raw"):
-    """Log-prob of `targets` (with grad if h requires grad) and detached extras for rows of `h`.
-
-    filter_logits (Lp-Reg's proxy at T ≠ 1, LpRegConfig.lp_filter_logits): "raw" decides the keep set on
-    the raw logits z before the division by T (official order: `apply_min_p`, then `div_(temperature)`),
-    "tempered" on z/T. Either way the kept tokens share softmax(z/T). At T = 1 both are the same."""
-    if filter_logits not in ("raw", "tempered"):
-        raise ValueError(f"filter_logits must be 'raw' or 'tempered', got {filter_logits!r}")
-
-    def proxy_dropped(z, lse_z):  # bool [rows, V]: what the proxy filter drops (logit space, fp32, spec L6)
-        # min-p keeps p ≥ κ·p_max; the fixed-τ ablation keeps p ≥ τ
-        if fixed_tau is not None:
-            threshold = lse_z + math.log(fixed_tau)
-        else:
-            threshold = z.max(dim=-1).values + math.log(minp_kappa)
-        return z < threshold.unsqueeze(-1)
-
+def _chunk_stats(h, lm_head, targets, temperature, want: set, field_fns: dict | None = None) -> dict:
+    """Log-prob of `targets` (with grad if h requires grad) and detached extras for rows of `h`:
+    "entropy" if wanted, and name → fn(raw_logits, logits, lse, targets) for each method field function
+    (Lp-Reg's proxy). raw_logits are z, logits z / T (the same tensor at T = 1), lse = logsumexp(z / T)."""
     raw = lm_head(h).float()  # [rows, V] in fp32
-    dropped = None
-    if "minp_proxy_logp" in want and filter_logits == "raw" and temperature != 1.0:
-        with torch.no_grad():  # a bool mask: the raw logits need not outlive the division below
-            z = raw.detach()
-            dropped = proxy_dropped(z, torch.logsumexp(z, dim=-1) if fixed_tau is not None else None)
-            del z
-    logits = raw / temperature
-    del raw
+    logits = raw if temperature == 1.0 else raw / temperature
+    if not field_fns:
+        del raw  # only the method fields read the raw logits: free them before the softmax below
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     out = {"logp": target_logit - lse}
     with torch.no_grad():
+        for name, fn in (field_fns or {}).items():
+            out[name] = fn(raw.detach(), logits.detach(), lse.detach(), targets)
+        if field_fns:
+            del raw
         if "entropy" in want:  # H = logsumexp(z) − Σ softmax(z) z
             out["entropy"] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-        if "minp_proxy_logp" in want:  # Lp-Reg Eq. 5: keep p ≥ κ·p_max, renormalise, filtered → −1e4
-            if dropped is None:  # T = 1 or the "tempered" order: the keep test on the tempered logits
-                dropped = proxy_dropped(logits, lse)
-            row_max = logits.max(dim=-1).values
-            # log Z = log Σ_kept p: one [rows, V] temporary zeroed in place, not a masked copy of the
-            # logits plus logsumexp's own buffer (measured: 1.36x -> 1.08x the plain pass at V = 152k)
-            scaled = torch.sub(logits, row_max.unsqueeze(-1)).exp_()
-            scaled.masked_fill_(dropped, 0.0)
-            log_z = torch.log(scaled.sum(-1)) + row_max - lse
-            del scaled
-            token_kept = ~dropped.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            del dropped
-            out["minp_proxy_logp"] = torch.where(token_kept, (target_logit - lse) - log_z,
-                                                 torch.full_like(lse, -1e4))
     return out
 
 
 def token_fields(model, batch: dict, temperature: float, want: set, with_grad: bool,
-                 chunk_rows: int = 4096, minp_kappa: float = 0.02, fixed_tau: float | None = None,
-                 filter_logits: str = "raw") -> dict:
+                 chunk_rows: int = 4096, field_fns: dict | None = None) -> dict:
     """Per-token fields [S, T] for the response tokens of `batch` (and prompt log-probs if wanted).
 
-    `want` ⊆ {"entropy", "minp_proxy_logp", "prompt_logp"}; "logp" is always returned (with grad when
-    `with_grad`). The decoder runs once; the LM head + log-softmax run on chunks of `chunk_rows` valid
-    token rows so that only [chunk_rows, V] logits exist at a time. With grad, each chunk is
-    checkpointed (its logits are recomputed in backward instead of being stored). minp_kappa, fixed_tau
-    and filter_logits configure Lp-Reg's proxy (see `proxy_filter` and `_chunk_stats`).
+    `want` ⊆ {"entropy", "prompt_logp"}; "logp" is always returned (with grad when `with_grad`), and each
+    of `field_fns` (a method's `token_field_fns()`) by its name. The decoder runs once; the LM head +
+    log-softmax run on chunks of `chunk_rows` valid token rows so that only [chunk_rows, V] logits exist
+    at a time. With grad, each chunk is checkpointed (its logits are recomputed in backward instead of
+    being stored).
     """
     input_ids, attn = batch["input_ids"], batch["attention_mask"]
     P = batch["prompt_len"]
@@ -92,8 +62,7 @@ def token_fields(model, batch: dict, temperature: float, want: set, with_grad: b
         # logits at position t predict token t+1: response token j is predicted by position P-1+j
         h = hidden[:, P - 1:P - 1 + T][mask]
         targets = input_ids[:, P:][mask]
-        rows = _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kappa, with_grad, fixed_tau,
-                               filter_logits)
+        rows = _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, with_grad, field_fns)
         out = {}
         for name, values in rows.items():
             full = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
@@ -105,46 +74,73 @@ def token_fields(model, batch: dict, temperature: float, want: set, with_grad: b
             pm[:, 1:] = real[:, 1:] & real[:, :-1]  # of a (left-padded) sequence has no log-prob
             hp = hidden[:, :P - 1][pm[:, 1:]].detach()
             tp = input_ids[:, 1:P][pm[:, 1:]]
-            vals = _rows_in_chunks(hp, lm_head, tp, temperature, set(), chunk_rows, minp_kappa, False)["logp"]
+            vals = _rows_in_chunks(hp, lm_head, tp, temperature, set(), chunk_rows, False)["logp"]
             full = torch.zeros(pm.shape, dtype=vals.dtype, device=vals.device)
             out["prompt_logp"] = full.masked_scatter(pm, vals.detach())
             out["prompt_logp_mask"] = pm.float()
     return out
 
 
-def proxy_filter(method_cfg) -> dict:
-    """Lp-Reg's proxy filter settings from a method config: min-p with κ (default), or fixed τ, and
-    whether the keep test sees the raw logits (default, official order) or the tempered ones."""
-    fixed = getattr(method_cfg, "lp_filter", "minp") == "fixed"
-    return {"minp_kappa": getattr(method_cfg, "kappa", 0.02),
-            "fixed_tau": getattr(method_cfg, "lp_tau", None) if fixed else None,
-            "filter_logits": getattr(method_cfg, "lp_filter_logits", "raw")}
-
-
-def _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, minp_kappa, with_grad, fixed_tau=None,
-                    filter_logits="raw"):
+def _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, with_grad, field_fns=None):
     parts: dict[str, list] = {}
+    extras = bool(want & {"entropy"} or field_fns)
     for s in range(0, h.shape[0], chunk_rows):
         hs, ts = h[s:s + chunk_rows], targets[s:s + chunk_rows]
         if with_grad and h.shape[0] > chunk_rows:
             # recompute this chunk's logits in backward: memory O(chunk · V) instead of O(N · V)
             logp = torch.utils.checkpoint.checkpoint(
-                lambda a, b: _chunk_stats(a, lm_head, b, temperature, set(), minp_kappa)["logp"],
-                hs, ts, use_reentrant=False)
+                lambda a, b: _chunk_stats(a, lm_head, b, temperature, set())["logp"], hs, ts, use_reentrant=False)
             stats = {"logp": logp}
-            if want:
+            if extras:
                 with torch.no_grad():
-                    extra = _chunk_stats(hs.detach(), lm_head, ts, temperature, want, minp_kappa, fixed_tau,
-                                         filter_logits)
+                    extra = _chunk_stats(hs.detach(), lm_head, ts, temperature, want, field_fns)
                 stats.update({k: v for k, v in extra.items() if k != "logp"})
         else:
-            stats = _chunk_stats(hs, lm_head, ts, temperature, want, minp_kappa, fixed_tau, filter_logits)
+            stats = _chunk_stats(hs, lm_head, ts, temperature, want, field_fns)
         for k, v in stats.items():
             parts.setdefault(k, []).append(v)
     if not parts:  # no valid rows
         z = h.new_zeros((0,), dtype=torch.float32)
-        return {"logp": z + h.sum() * 0 if with_grad else z, **{k: z for k in want}}
+        names = (want & {"entropy"}) | set(field_fns or {})
+        return {"logp": z + h.sum() * 0 if with_grad else z, **{k: z for k in names}}
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def no_grad_fields(model, batch: dict, rows: list[int], temperature: float, want: set, token_budget: int,
+                   chunk_rows: int = 4096, field_fns: dict | None = None, dist=None, pad_id: int = 0) -> dict:
+    """One no-grad forward over `rows` of a padded batch, in micro-batches under `token_budget`:
+    {"logp", each of `want` and `field_fns`} as full-batch [S, T] CPU tensors (zeros outside `rows`;
+    prompt fields [S, P]). The one place the policy is read without a gradient: the training prepass,
+    evaluation's entropy and the SE curriculum's scoring pass. With `dist` under FSDP2 every rank runs as
+    many forwards as the busiest one (each forward is a collective), with or without rows."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    S, T = batch["response_mask"].shape
+    names = {"logp"} | (want & {"entropy"}) | set(field_fns or {})
+    out = {k: torch.zeros((S, T), dtype=torch.float32) for k in names}
+    micro_batches = split_micro_batches(batch, rows, token_budget) if rows else []
+    for _ in range(pad_forwards(dist, len(micro_batches)) if dist is not None else 0):
+        token_fields(model, dummy_batch(pad_id, device), temperature, set(), with_grad=False)
+    for mb in micro_batches:
+        idx = mb["rows"]
+        mb = to_device(mb, device)
+        with autocast(device):
+            fields = token_fields(model, mb, temperature, want, with_grad=False, chunk_rows=chunk_rows,
+                                  field_fns=field_fns)
+        place_fields(out, batch, idx, fields)
+    model.train(was_training)
+    return out
+
+
+def padding_backward(model, n_padding: int, pad_id: int, device, temperature: float) -> None:
+    """FSDP2: `n_padding` forwards + backwards of zero loss, so that this rank runs as many as the busiest
+    one (every forward and backward is a collective; count them with `pad_forwards` *before* the first)."""
+    for _ in range(n_padding):
+        with autocast(device):
+            logp = token_fields(model, dummy_batch(pad_id, device), temperature, set(), with_grad=True)["logp"]
+        (0.0 * logp.sum()).backward()
 
 
 def split_micro_batches(batch: dict, rows: list[int], token_budget: int) -> list[dict]:

@@ -8,8 +8,7 @@ Read beside:
   * PPO clip  — Schulman et al., arXiv 1707.06347.  k3 KL — Schulman, "Approximating KL Divergence".
 
 This file has three parts:
-  1. pure functions on tensors (advantages, the clipped surrogate, aggregation, k3, DAPO extras) that
-     tests and notebooks import;
+  1. pure functions on tensors (advantages, the clipped surrogate, aggregation, k3, DAPO extras);
   2. `GRPOConfig` with the three presets (`grpo`, `dapo`, `dr_grpo`);
   3. `Method`, the base class whose hooks train.py calls. Paper methods subclass it and override only
      the hooks they need (dsdr.py, lpreg.py, arm.py, curriculum.py).
@@ -21,7 +20,7 @@ sequences and N valid tokens *globally* (summed over micro-batches and ranks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -135,27 +134,6 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str, norm: Norma
     raise ValueError(f"unknown aggregation {agg!r}; use one of {AGGREGATIONS}")
 
 
-def policy_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, agg="token-mean",
-                norm: Normaliser | None = None, dual_clip_c=None):
-    """The clipped policy-gradient loss of a batch, aggregated; returns (loss, metrics).
-
-    With `norm=None` the batch is treated as the whole optimisation batch on one rank. train.py passes
-    the global `Normaliser` so that micro-batches and ranks reproduce the one-shot loss exactly.
-    Why the value is ~0 on-policy (spec §7): at ρ = 1, ℓ = −A, and advantages are centred per group, so
-    the seq-mean loss is 0 up to rounding; the *gradient* −Σ A ∇logp is not. Judge runs by reward.
-    """
-    norm = norm or Normaliser.of(mask)
-    per_token, low, high = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high, dual_clip_c)
-    loss = aggregate(per_token, mask, agg, norm)
-    m = mask.bool()
-    n_valid = max(int(m.sum()), 1)
-    metrics = {
-        "clip_frac_low": float((low & m).sum()) / n_valid,
-        "clip_frac_high": float((high & m).sum()) / n_valid,
-    }
-    return loss, metrics
-
-
 # ====================================================================================================
 # 3. k3 KL estimator (Schulman 2020; verl "low_var_kl")
 # ====================================================================================================
@@ -263,36 +241,30 @@ PRESETS = {
 # 6. The Method base class: the hooks train.py calls
 # ====================================================================================================
 
-# Everything the loop can compute for a method. The loop computes only what `needs()` returns.
-#   ref_logp           detached log-probs of sampled tokens under the frozen reference model
-#   entropy            detached full-vocabulary entropy per response token (chunked, fp32)
-#   minp_proxy_logp    detached min-p proxy log-prob of the sampled token (Lp-Reg)
-#   prompt_logp        detached log-probs of the prompt tokens + question-span mask (ARM)
-#   texts              decoded responses (the verifier always needs them; DSDR's encoder too)
-#   lengths            response lengths and truncation flags
-#   prepass            per-token fields of the whole optimisation batch before the first backward
-#   init_policy_samples, answers, prompt_sampler   (SENT's curriculum)
-KNOWN_NEEDS = frozenset({
-    "ref_logp", "entropy", "minp_proxy_logp", "prompt_logp", "texts", "lengths", "prepass",
-    "init_policy_samples", "answers", "prompt_sampler",
-})
+# What the loop can compute for a method besides the log-probs; it computes only what `needs()` returns.
+#   ref_logp        detached log-probs of the sampled tokens under the frozen reference model π_ref
+#   entropy         detached full-vocabulary entropy of π_old per response token (chunked, fp32)
+#   prompt_logp     detached log-probs of the prompt tokens, with "prompt_logp_mask" (ARM's c_q)
+# A method's own per-token quantities (Lp-Reg's min-p proxy) are functions it supplies in
+# `token_field_fns()`, which the forward applies to each chunk of logits.
+KNOWN_NEEDS = frozenset({"ref_logp", "entropy", "prompt_logp"})
 
 
 class Method:
-    """GRPO / DAPO / Dr. GRPO. Subclasses override only the hooks their paper changes.
+    """GRPO / DAPO / Dr. GRPO. Paper methods subclass it and override only the hooks their paper changes.
 
-    The loop (train.py) calls, per step:
-      1. `shape_rewards(batch)`         → rewards r̃ per response          (DSDR's diversity bonus)
-      2. `advantages(batch, rewards)`   → A per response                    (z-score / Dr. GRPO)
-      3. `prepare_update(batch, rows, dist)` once per optimisation batch (`rows` of the rollout batch)
-         when `needs_batch_fields`: batch["fields"] then holds detached per-token fields of the whole
-         rollout batch from the prepass (Lp-Reg and SENT select their tokens from them; ARM needs none):
-         π_old's "old_logp", "entropy", "minp_proxy_logp", "prompt_logp", and from the second mini-batch
-         on (--mini-batches > 1, the parameters have moved) the current policy's "cur_logp" /
-         "cur_entropy" of these rows (absent on the first, where π_θ = π_old)
-      4. `loss(mb, norm)` per micro-batch → the scalar to backward + metrics.
-    `mb` is a dict of tensors for a micro-batch: logp [b,T] (with grad), mask [b,T], advantages [b],
-    old_logp, group_size, and whatever `needs()` asked for; `norm` is the global `Normaliser`.
+    Per step the loop (train.py) calls:
+      1. `begin_step(stage)`              → actions the loop performs before sampling (SENT's stage restart)
+      2. `keep_groups(correct, G)`        → which groups to train on (DAPO dynamic sampling), or None
+      3. `shape_rewards(batch)`           → r̃ per response                  (DSDR's diversity bonus)
+      4. `advantages(batch, rewards)`     → A per response                   (z-score / Dr. GRPO)
+      5. `prepare_update(batch, rows, dist)` once per optimiser step when `needs_batch_fields`: the loop has
+         put detached per-token fields of the whole rollout batch in batch["fields"] (a no-grad forward
+         of π_old: "old_logp", and "entropy" / the method's own fields as needed; from the second
+         mini-batch on also the current policy's "cur_logp" / "cur_entropy"). Lp-Reg and SENT select
+         their tokens there, over the whole optimisation batch of every rank.
+      6. `loss(mb, norm)` per micro-batch. It is the same for every method (do not override it): the
+         hooks `update_advantages`, `token_loss` and `extra_loss` are what a method changes in it.
     Hooks may attach to the rollout batch: batch["per_seq"][name] = tensor [S] (sliced into every
     micro-batch as mb[name]) and batch["method_metrics"][name] = (sum, count) over this rank's
     sequences (logged as the global mean sum/count).
@@ -307,18 +279,31 @@ class Method:
 
     # ---- what the loop must compute --------------------------------------------------------------
     def needs(self) -> set[str]:
-        needs = {"texts", "lengths"}
-        if self.cfg.kl_coef > 0:
-            needs.add("ref_logp")
-        return needs
+        """The subset of KNOWN_NEEDS this method reads."""
+        return {"ref_logp"} if self.cfg.kl_coef > 0 else set()
 
-    # ---- hooks -----------------------------------------------------------------------------------
-    def on_train_start(self, ctx) -> None:
-        """One-off setup with access to the run context (model, tokenizer, dataset, config)."""
+    def token_field_fns(self) -> dict:
+        """name → f(raw_logits, logits, lse, targets) → [rows]: detached per-token fields the forward
+        computes from each chunk of logits (raw_logits = z, logits = z / T, lse = logsumexp(z / T))."""
+        return {}
 
-    def prompt_sampler(self, ctx):
-        """Return a replacement prompt-order object, or None for the loop's seeded shuffle (SENT)."""
+    def curriculum(self):
+        """A curriculum.CurriculumConfig when the method orders its prompts by semantic entropy (SENT)."""
         return None
+
+    # ---- rollout-side hooks ----------------------------------------------------------------------
+    def setup(self) -> None:
+        """One-off work before the first rollout, e.g. loading an encoder so a missing package fails now."""
+
+    def begin_step(self, stage: int) -> set[str]:
+        """Called before each step's rollouts with the prompt sampler's curriculum stage (0 without one).
+        Returns what the loop should do first: "reset_reference" (π_ref ← the current policy) and / or
+        "reset_optimizer" (a fresh AdamW)."""
+        return set()
+
+    def keep_groups(self, correct: torch.Tensor, group_size: int) -> torch.Tensor | None:
+        """DAPO dynamic sampling (§3.2): the groups worth training on, or None to keep every group."""
+        return informative_groups(correct, group_size) if self.cfg.dynamic_sampling else None
 
     def shape_rewards(self, batch) -> torch.Tensor:
         """r_i = correct_i (+ DAPO's overlong term when on)."""
@@ -333,28 +318,62 @@ class Method:
         return group_advantages(rewards, batch["group_size"], self.cfg.adv_scale, self.cfg.adv_eps)
 
     def prepare_update(self, batch, rows: list[int], dist) -> None:
-        """Batch-level preparation before the first backward (token selection, advantage shifts)."""
+        """Batch-level preparation before the first backward (token selection over the whole batch)."""
 
-    def token_loss(self, mb) -> tuple[torch.Tensor, dict]:
-        """Per-token loss ℓ_{i,t} [b,T]: the clipped surrogate, plus β·k3 when kl_coef > 0."""
-        per_token, low, high = clipped_surrogate(
-            mb["logp"], mb["old_logp"], mb["advantages"], self.cfg.eps_low, self.cfg.eps_high,
-            self.cfg.dual_clip_c)
-        m = mb["mask"].bool()
-        stats = {"clip_low_count": float((low & m).sum()), "clip_high_count": float((high & m).sum())}
+    # ---- the loss ----------------------------------------------------------------------------------
+    def loss_rows(self, batch, rows: list[int]) -> list[int]:
+        """The rows that count in the loss and its normalisers: all, or (DAPO's overlong filtering,
+        `mask_truncated`) all but the truncated ones, as TRL does."""
+        if not self.cfg.mask_truncated:
+            return list(rows)
+        return [r for r in rows if not batch["truncated"][r]]
+
+    def loss_mask(self, mb) -> torch.Tensor:
+        """m_{i,t}: the response mask, zero on truncated rows under `mask_truncated`."""
+        mask = mb["response_mask"]
+        if self.cfg.mask_truncated:
+            mask = mask * (~mb["truncated"].bool()).to(mask.dtype).unsqueeze(-1)
+        return mask
+
+    def loss(self, mb, norm: Normaliser) -> tuple[torch.Tensor, dict]:
+        """This micro-batch's share of the full-batch loss, the same for every method:
+
+            ℓ_{i,t} = token_loss(Ã)_{i,t} + β_KL · k3(π_θ ‖ π_ref)_{i,t}
+            L       = aggregate(ℓ, m, agg, norm) + extra_loss
+
+        `mb` holds logp [b, T] (with grad), old_logp, response_mask, advantages [b], group_size and what
+        `needs()` asked for; `norm` is the global `Normaliser`. Returns (loss, stats): the loop sums stats
+        over micro-batches and ranks; "<x>_count" / "<x>_sum" become per-token means "<x>".
+        """
+        stats: dict[str, float] = {}
+        mask = self.loss_mask(mb)
+        advantages = self.update_advantages(mb, norm, stats)
+        per_token, low, high = self.token_loss(mb, advantages, mask, stats)
+        m = mask.bool()
+        if low is not None:
+            stats["clip_low_count"] = float((low & m).sum())
+            stats["clip_high_count"] = float((high & m).sum())
         if self.cfg.kl_coef > 0:
             kl = k3_kl(mb["logp"], mb["ref_logp"])
             per_token = per_token + self.cfg.kl_coef * kl
-            stats["kl_sum"] = float((kl.detach() * mb["mask"]).sum())
-        return per_token, stats
+            stats["kl_sum"] = float((kl.detach() * mask).sum())
+        loss = aggregate(per_token, mask, self.cfg.agg, norm)
+        extra = self.extra_loss(mb, mask, norm, stats)
+        return (loss if extra is None else loss + extra), stats
 
-    def loss(self, mb, norm: Normaliser) -> tuple[torch.Tensor, dict]:
-        """This micro-batch's share of the full-batch loss, aggregated with the method's mode."""
-        mask = mb["mask"]
-        if self.cfg.mask_truncated:
-            mask = mask * (~mb["truncated"]).to(mask.dtype).unsqueeze(-1)
-        per_token, stats = self.token_loss(mb)
-        return aggregate(per_token, mask, self.cfg.agg, norm), stats
+    def update_advantages(self, mb, norm: Normaliser, stats: dict) -> torch.Tensor:
+        """The advantages the loss uses for the micro-batch's rows (ARM shifts them with model outputs)."""
+        return mb["advantages"]
+
+    def token_loss(self, mb, advantages, mask, stats: dict):
+        """Per-token policy loss ℓ [b, T] and the clipped-low / clipped-high masks (or None, None):
+        the clipped surrogate. Lp-Reg and SENT add their per-token terms here."""
+        return clipped_surrogate(mb["logp"], mb["old_logp"], advantages, self.cfg.eps_low, self.cfg.eps_high,
+                                 self.cfg.dual_clip_c)
+
+    def extra_loss(self, mb, mask, norm: Normaliser, stats: dict) -> torch.Tensor | None:
+        """A loss added after aggregation (DSDR's local entropy term), already normalised; None: none."""
+        return None
 
     # ---- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -368,17 +387,7 @@ class GRPO(Method):
     """Alias with the paper's name; `Method` itself is GRPO."""
 
 
-def config_from_preset(preset: str, config_cls=GRPOConfig, **overrides):
-    """A method config starting from a preset's base settings, e.g. DSDR = dapo clip + token-mean."""
-    base = PRESETS[preset]
-    names = {f.name for f in fields(config_cls)}
-    values = {f.name: getattr(base, f.name) for f in fields(GRPOConfig) if f.name in names}
-    values.update(overrides)
-    return config_cls(**values)
-
-
 __all__ = [
-    "group_advantages", "clipped_surrogate", "aggregate", "policy_loss", "Normaliser", "k3_kl",
-    "overlong_penalty", "informative_groups", "GRPOConfig", "PRESETS", "Method", "GRPO",
-    "config_from_preset", "AGGREGATIONS", "KNOWN_NEEDS",
+    "group_advantages", "clipped_surrogate", "aggregate", "Normaliser", "k3_kl", "overlong_penalty",
+    "informative_groups", "GRPOConfig", "PRESETS", "Method", "GRPO", "AGGREGATIONS", "KNOWN_NEEDS",
 ]

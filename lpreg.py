@@ -23,13 +23,13 @@ On-policy the k3 term is advantage reshaping on the selected set: A → A + β(1
 probability mass the min-p filter keeps (spec "What it does"). Its value is tiny (5.07e-5 at Z = 0.99),
 its gradient is not.
 
-How the loop serves it (train.py). The proxy log-prob of the sampled token is computed by
-`forward._chunk_stats` from the same chunk of logits as the training log-probs (`minp_proxy_logp`, κ read
-from `cfg.kappa`), so on-policy there is no extra forward pass and the [tokens, V] softmax only ever
-exists for one chunk of rows. The selection must be known before the first backward (it is global over
-the optimisation batch, spec L2): `needs_batch_fields = True` makes the loop call `prepare_update` with
-the detached fields of the whole batch, from the training forward itself when the batch is one forward,
-otherwise from a no-grad prepass. The selection is written back as the per-token field "lp_selected".
+How the loop serves it (train.py). The proxy log-prob of the sampled token is a per-token field this
+file supplies (`LpReg.token_field_fns` → `proxy_logp`): the forward computes it from the same chunk of
+logits as the log-probs, so the [tokens, V] softmax only ever exists for one chunk of rows. The
+selection must be known before the first backward (it is global over the optimisation batch, spec L2):
+`needs_batch_fields = True` makes the loop run a no-grad forward of the whole rollout batch (π_old's
+"old_logp" and "minp_proxy_logp") and call `prepare_update`, which writes the selection back as the
+per-token field "lp_selected".
 
 Temperature (rollout T ≠ 1). The official code filters the *raw* logits and divides by T afterwards, so
 the keep set is K = {v : z_v − z_max ≥ ln κ} on the raw logits z, and the proxy renormalises the tempered
@@ -48,15 +48,16 @@ The default, one optimiser step per rollout batch, is the paper's on-policy sett
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from grpo import GRPOConfig, Method, Normaliser, aggregate, clipped_surrogate, k3_kl
+from grpo import GRPOConfig, Method, clipped_surrogate, k3_kl
 
 # "probability 0" of a filtered token: finite, so that a k3 of such a token could never be inf/NaN
-# (spec Pitfalls); forward._chunk_stats uses the same value
+# (spec Pitfalls)
 FILTERED_LOGP = -1e4
 
 
@@ -73,17 +74,17 @@ class LpRegConfig(GRPOConfig):
     adv_eps: float = 1e-6
     kl_coef: float = 0.0  # no reference-model KL (official script)
     # --- Lp-Reg (Eqs. 5–6) ---
-    kappa: float = 0.02  # κ, min-p ratio: keep p ≥ κ·max p (§5.1.2; train.py reads this name)
+    kappa: float = 0.02  # κ, min-p ratio: keep p ≥ κ·max p (§5.1.2)
     rho: float = 0.01  # ρ_p, lowest fraction of the negative tokens (Qwen3-14B; 0.005 for Qwen2.5-32B)
     beta: float = 1.0  # β, weight of the k3 pull toward the proxy (§5.1.2)
     # --- decisions and their switches (spec L1–L10) ---
     lp_percentile_over: str = "neg"  # L1: "neg" (code: lowest ρ of Neg) | "all" (paper: ρ-quantile of all)
     lp_scope: str = "batch"  # L2: "batch" (global over the optimisation batch) | "microbatch" (code)
     lp_min_k: int = 1  # L3: select none when k < lp_min_k; 2 reproduces the code's skip of k = 1
-    lp_filter: str = "minp"  # L6: "minp" | "fixed" (the p ≥ τ ablation; forward.proxy_filter passes τ on)
+    lp_filter: str = "minp"  # L6: "minp" | "fixed" (the p ≥ τ ablation, with lp_tau)
     lp_tau: float = 0.02  # τ of lp_filter="fixed"
     # L6 at T ≠ 1: "raw" (official code: the keep set from the raw logits, then renormalise softmax(z/T)
-    # over it) | "tempered" (the keep set from softmax(z/T)); identical at T = 1. forward.proxy_filter passes it
+    # over it) | "tempered" (the keep set from softmax(z/T)); identical at T = 1
     lp_filter_logits: str = "raw"
     lp_clip_form: str = "ppo"  # L8: "ppo" max-form (code) | "paper": clip(r, 0, U)·A on every token
     lp_rho_pos: float = 0.0  # L10: > 0 also regularises the lowest positive tokens ("Reg. Pos. & Neg.")
@@ -113,55 +114,47 @@ class LpRegConfig(GRPOConfig):
 
 
 # ====================================================================================================
-# 1. The proxy distribution (Eq. 5): reference implementations on full logits
+# 1. The proxy distribution (Eq. 5), as the per-token field the loop computes from each chunk of logits
 # ====================================================================================================
-# The loop's chunked version lives in forward._chunk_stats (same formulas, one chunk of rows at a time, so
-# the full-vocabulary softmax never exists for the whole batch). These take full logits [..., V] and
-# exist for tests, notebooks and small cases. All threshold tests run in fp32 logit space (spec L6):
-# p(v) ≥ κ·p_max  ⟺  z_v − z_max ≥ ln κ, which needs neither a softmax nor a division.
-# Both take the *raw* logits and the sampling temperature T. filter_logits="raw" (default, official order:
-# `apply_min_p` on the raw logits, then `div_(temperature)`) tests the keep condition on z; "tempered"
-# tests it on z/T. In both cases the kept tokens share the tempered distribution softmax(z/T).
+# The forward (forward.token_fields) calls this on one chunk of rows at a time, next to the log-probs and
+# from the same logits, so the [tokens, V] softmax only ever exists for one chunk. All keep tests run in
+# fp32 logit space (spec L6): p(v) ≥ κ·p_max ⟺ z_v − z_max ≥ ln κ, which needs neither a softmax nor a
+# division. filter_logits="raw" (default, official order: `apply_min_p` on the raw logits z, then
+# `div_(temperature)`) tests the keep condition on z; "tempered" tests it on z/T. Either way the kept
+# tokens share the tempered distribution softmax(z/T).
 FILTER_LOGITS = ("raw", "tempered")
 
 
-def _keep_space(z: torch.Tensor, temperature: float, filter_logits: str) -> torch.Tensor:
+def proxy_logp(raw_logits: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
+               kappa: float = 0.02, tau: float | None = None, filter_logits: str = "raw") -> torch.Tensor:
+    """log π_proxy of each target token (Eq. 5), fp32 [rows]; FILTERED_LOGP where the filter drops it.
+
+    raw_logits z [rows, V], logits = z / T, lse = logsumexp(z / T) [rows], targets [rows].
+      min-p (official `apply_min_p`, tau=None): K = {v : p(v) ≥ κ·max_u p(u)}  (`≥`, spec L6)
+      fixed-τ ablation (tau set, spec L6 switch):  K = {v : p(v) ≥ τ}; a position whose max p is below τ
+                                                   keeps nothing: every token there is "noise"
+    with p = softmax(z) ("raw") or softmax(z/T) ("tempered"); π_proxy = softmax(z/T) renormalised over K,
+    log π_proxy(v) = log p_T(v) − log Z, Z = Σ_{u∈K} p_T(u). Under min-p the argmax is always kept, so
+    Z ≥ p_max > 0 and a kept value is finite.
+    """
     if filter_logits not in FILTER_LOGITS:
         raise ValueError(f"lp_filter_logits must be 'raw' or 'tempered', got {filter_logits!r}")
-    return z if filter_logits == "raw" else z / temperature
-
-
-def _proxy_from_keep(log_probs: torch.Tensor, kept: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log π_proxy(target) = log p(target) − log Z if the target is kept, else FILTERED_LOGP."""
-    log_z = torch.logsumexp(log_probs.masked_fill(~kept, -math.inf), dim=-1)  # log Σ_{v∈K} p(v)
-    target_logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    target_kept = kept.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return torch.where(target_kept, target_logp - log_z, torch.full_like(target_logp, FILTERED_LOGP))
-
-
-def minp_proxy_logp(logits: torch.Tensor, targets: torch.Tensor, kappa: float = 0.02, temperature: float = 1.0,
-                    filter_logits: str = "raw") -> torch.Tensor:
-    """Eq. 5, min-p variant (official `apply_min_p`): K = {v : p(v) ≥ κ·max_u p(u)} (`≥`, spec L6).
-
-    `logits` [..., V] raw (not yet divided by `temperature`), `targets` [...] → [...] fp32. p in the keep
-    test is softmax(z) ("raw") or softmax(z/T) ("tempered"); the proxy is softmax(z/T) renormalised over K.
-    The argmax is always kept (it is the argmax of both), so Z ≥ p_max > 0 and the kept value is finite.
-    """
-    z = logits.float()
-    space = _keep_space(z, temperature, filter_logits)
-    kept = space >= (space.max(dim=-1, keepdim=True).values + math.log(kappa))
-    return _proxy_from_keep(torch.log_softmax(z / temperature, dim=-1), kept, targets)
-
-
-def fixed_proxy_logp(logits: torch.Tensor, targets: torch.Tensor, tau: float = 0.02, temperature: float = 1.0,
-                     filter_logits: str = "raw") -> torch.Tensor:
-    """Fixed-τ ablation of Eq. 5 (spec L6 switch): K = {v : p(v) ≥ τ}, p as in `minp_proxy_logp`.
-
-    A position whose max p is below τ keeps nothing: every token there is "noise" (FILTERED_LOGP).
-    """
-    z = logits.float()
-    kept = torch.log_softmax(_keep_space(z, temperature, filter_logits), dim=-1) >= math.log(tau)
-    return _proxy_from_keep(torch.log_softmax(z / temperature, dim=-1), kept, targets)
+    space = raw_logits if filter_logits == "raw" else logits
+    if tau is None:
+        threshold = space.max(dim=-1).values + math.log(kappa)
+    else:  # p(v) ≥ τ ⟺ z_v − logsumexp(z) ≥ ln τ
+        threshold = (lse if space is logits else torch.logsumexp(space, dim=-1)) + math.log(tau)
+    dropped = space < threshold.unsqueeze(-1)
+    # log Z: one [rows, V] temporary zeroed in place, not a masked copy of the logits plus logsumexp's own
+    # buffer (measured: 1.36x -> 1.08x the plain log-prob pass at V = 152k)
+    row_max = logits.max(dim=-1).values
+    scaled = torch.sub(logits, row_max.unsqueeze(-1)).exp_()
+    scaled.masked_fill_(dropped, 0.0)
+    log_z = torch.log(scaled.sum(-1)) + row_max - lse
+    del scaled
+    target_kept = ~dropped.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    target_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    return torch.where(target_kept, target_logp - log_z, torch.full_like(lse, FILTERED_LOGP))
 
 
 # ====================================================================================================
@@ -308,24 +301,23 @@ def lpreg_token_loss(logp, old_logp, proxy_logp, advantages, selected, beta: flo
 
 class LpReg(Method):
     """GRPO base (clip [0, 10], token-mean, no KL) + β·k3 toward the min-p proxy on the lowest-probability
-    negative tokens. Hooks overridden: `needs`, `prepare_update` (global selection, L2) and `loss`."""
+    negative tokens. Hooks overridden: `token_field_fns` (the proxy, Eq. 5), `prepare_update` (the global
+    selection, L2) and `token_loss` (Eq. 6)."""
 
     name = "lpreg"
     config_cls = LpRegConfig
-    needs_batch_fields = True  # the selection is over the whole optimisation batch (spec L2)
 
     def __init__(self, config: LpRegConfig | None = None):
         super().__init__(config)
-        # the micro-batch scope (L2 switch) selects inside loss() from the training forward alone
+        # the batch scope selects over the whole optimisation batch before the first backward (spec L2);
+        # the micro-batch scope (L2 switch) selects inside token_loss from the training forward alone
         self.needs_batch_fields = self.cfg.lp_scope == "batch"
 
-    def needs(self) -> set[str]:
-        return super().needs() | {"minp_proxy_logp"}
-
-    def _mask(self, mask, truncated):
-        if self.cfg.mask_truncated and truncated is not None:
-            return mask * (~truncated.bool()).to(mask.dtype).unsqueeze(-1)
-        return mask
+    def token_field_fns(self) -> dict:
+        c = self.cfg
+        tau = c.lp_tau if c.lp_filter == "fixed" else None
+        return {"minp_proxy_logp": functools.partial(proxy_logp, kappa=c.kappa, tau=tau,
+                                                     filter_logits=c.lp_filter_logits)}
 
     def _select(self, logp, advantages, mask, proxy_logp, dist=None) -> torch.Tensor:
         c = self.cfg
@@ -339,50 +331,35 @@ class LpReg(Method):
         against π_old's proxy (L5). The fields say which policy each comes from:
           "cur_logp"         π_θ as it is now: the loop's no-grad forward over these rows, run before every
                              mini-batch after the first (the parameters have moved since the prepass);
-          "old_logp"         π_old (prepass or fused forward); stands in for "cur_logp" when that is absent,
-                             i.e. on the first mini-batch, where π_θ = π_old;
+          "old_logp"         π_old (the prepass); stands in for "cur_logp" when that is absent, i.e. on the
+                             first mini-batch, where π_θ = π_old;
           "minp_proxy_logp"  π_old's proxy, fixed for all mini-batches of the rollout batch.
         Every rank takes part in the collectives, even with no rows.
         """
         fields = batch["fields"]
-        shape = batch["response_mask"].shape
-        if "lp_selected" not in fields:
-            fields["lp_selected"] = torch.zeros(shape, dtype=torch.float32)
+        fields.setdefault("lp_selected", torch.zeros(batch["response_mask"].shape, dtype=torch.float32))
         index = torch.tensor(rows, dtype=torch.long)
-        mask = self._mask(batch["response_mask"][index], batch["truncated"][index] if "truncated" in batch else None)
-        if rows:
-            current = fields["cur_logp"] if "cur_logp" in fields else fields["old_logp"]
-            logp, proxy = current[index], fields["minp_proxy_logp"][index]
-        else:  # no rows on this rank (the fused path then passes no fields): still join the collectives
-            logp = proxy = torch.zeros(mask.shape)
-        selected = self._select(logp, batch["advantages"][index], mask, proxy, dist)
-        if rows:
-            fields["lp_selected"][index] = selected.float()
+        mask = self.loss_mask({"response_mask": batch["response_mask"][index], "truncated": batch["truncated"][index]})
+        current = fields["cur_logp"] if "cur_logp" in fields else fields["old_logp"]
+        selected = self._select(current[index], batch["advantages"][index], mask, fields["minp_proxy_logp"][index],
+                                dist)
+        fields["lp_selected"][index] = selected.float()
 
-    def loss(self, mb, norm: Normaliser) -> tuple[torch.Tensor, dict]:
+    def token_loss(self, mb, advantages, mask, stats: dict):
         c = self.cfg
-        mask = self._mask(mb["mask"], mb.get("truncated"))
         proxy = mb["minp_proxy_logp"].to(mb["logp"].device)
         if c.lp_scope == "batch":
             selected = mb["lp_selected"].to(mask.device).bool() & mask.bool()
         else:  # L2 switch: the official code's per-micro-batch (per-GPU) top-k, current logp (L4)
-            selected = self._select(mb["logp"].detach(), mb["advantages"], mask, proxy)
-        per_token, k3, low, high = lpreg_token_loss(mb["logp"], mb["old_logp"], proxy, mb["advantages"], selected,
+            selected = self._select(mb["logp"].detach(), advantages, mask, proxy)
+        per_token, k3, low, high = lpreg_token_loss(mb["logp"], mb["old_logp"], proxy, advantages, selected,
                                                     c.beta, c.eps_low, c.eps_high, c.lp_clip_form, c.dual_clip_c)
-        m = mask.bool()
-        stats = {
-            "clip_low_count": float((low & m).sum()), "clip_high_count": float((high & m).sum()),
-            "lp_selected_count": float(selected.sum()),  # logged as the fraction of valid tokens in S
-            "lp_n_selected": float(selected.sum()),  # |S| over the optimisation batch
-            "lp_k3_sum": float((k3.detach() * selected).sum()),  # logged as Σ_S k3 / N (the term / β)
-            "lp_filtered_count": float(((proxy <= FILTERED_LOGP) & m).sum()),  # share of "noise" tokens
-        }
-        if c.kl_coef > 0:  # reference KL: off in Lp-Reg, kept available like the base
-            kl = k3_kl(mb["logp"], mb["ref_logp"])
-            per_token = per_token + c.kl_coef * kl
-            stats["kl_sum"] = float((kl.detach() * mask).sum())
-        return aggregate(per_token, mask, c.agg, norm), stats  # token-mean over ALL valid tokens (L9)
+        stats["lp_selected_count"] = float(selected.sum())  # logged as the fraction of valid tokens in S
+        stats["lp_n_selected"] = float(selected.sum())  # |S| over the optimisation batch
+        stats["lp_k3_sum"] = float((k3.detach() * selected).sum())  # logged as Σ_S k3 / N (the term / β)
+        stats["lp_filtered_count"] = float(((proxy <= FILTERED_LOGP) & mask.bool()).sum())  # "noise" tokens
+        return per_token, low, high  # aggregated by the base: token-mean over ALL valid tokens (L9)
 
 
-__all__ = ["LpRegConfig", "LpReg", "FILTERED_LOGP", "FILTER_LOGITS", "minp_proxy_logp", "fixed_proxy_logp",
-           "lowest_count", "lowest_k_mask", "global_quantile", "select_tokens", "lpreg_token_loss"]
+__all__ = ["LpRegConfig", "LpReg", "FILTERED_LOGP", "FILTER_LOGITS", "proxy_logp", "lowest_count", "lowest_k_mask",
+           "global_quantile", "select_tokens", "lpreg_token_loss"]

@@ -9,9 +9,12 @@ loop, evaluation and the SE curriculum do not care which one runs (`make_rollout
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
+import toy
+import verifier
 from config import TOY, TrainConfig, check_vllm
 from distributed import Dist, autocast, pad_forwards
 
@@ -20,8 +23,6 @@ from distributed import Dist, autocast, pad_forwards
 # ====================================================================================================
 def resolve_model_path(name: str) -> str:
     if name == TOY:
-        import toy
-
         return toy.ensure_toy_model()
     return name
 
@@ -37,6 +38,16 @@ def load_policy(name: str, device: torch.device):
     # fp32 master weights; bf16 autocast on CUDA for speed (train_step).
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute the decoder's activations in backward (call before FSDP2 sharding, which wraps the
+    checkpointed layers)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ====================================================================================================
@@ -212,3 +223,39 @@ def make_rollout(model, tokenizer, cfg: TrainConfig, device, dist: "Dist | None"
     if cfg.rollout == "vllm":
         return VLLMRollout(model, tokenizer, cfg, device, dist, model_path=model_path)
     return HFRollout(model, tokenizer, cfg, device, dist)
+
+
+def sample_and_verify(rollout, tokenizer, examples: list[dict], n: int, answer_mode: str, generate: bool = True,
+                      **sampling) -> dict:
+    """Prompts → n responses each → decoded texts → verifier verdicts: the one rollout path of training,
+    evaluation and the SE curriculum. `sampling` goes to `rollout.generate` (temperature, top_p, ...);
+    generate=False skips the engine call (a rank with no prompts when generation is not a collective).
+    Returns lists, grouped by prompt: prompt_ids [P], responses / texts / results [P·n], time_generate /
+    time_score in seconds."""
+    prompt_ids = [tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"] for ex in examples]
+    t0 = time.perf_counter()
+    responses = rollout.generate(prompt_ids, n, **sampling) if generate else []
+    t_gen = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True) if responses else []
+    results = verifier.verify_batch(texts, [ex for ex in examples for _ in range(n)], mode=answer_mode)
+    return {"prompt_ids": prompt_ids, "responses": responses, "texts": texts, "results": results,
+            "time_generate": t_gen, "time_score": time.perf_counter() - t0}
+
+
+class LogprobGap:
+    """|trainer − engine| log-prob of the sampled tokens (vLLM rollouts), accumulated over micro-batches
+    and reduced over ranks: how far the engine's sampling distribution is from the one trained on."""
+
+    def __init__(self, engine_logp: torch.Tensor):
+        self.engine_logp, self.total, self.max, self.count = engine_logp, 0.0, 0.0, 0.0
+
+    def add(self, logp: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        engine = self.engine_logp[rows.cpu()][:, :mask.shape[1]].to(logp.device)
+        gap = (logp.detach().float() - engine).abs() * mask
+        self.total, self.max = self.total + float(gap.sum()), max(self.max, float(gap.max()))
+        self.count += float(mask.sum())
+
+    def metrics(self, dist: Dist) -> dict:  # every rank calls it (a rank without rows adds 0)
+        return {"rollout_logp_gap_mean": dist.sum(self.total) / max(dist.sum(self.count), 1.0),
+                "rollout_logp_gap_max": dist.max(self.max)}

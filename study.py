@@ -5,9 +5,9 @@
 
 `compare` pools the seeds of one setting (mean ± std) into one Markdown table of the final held-out
 evaluations and one figure of the training and held-out curves. `study` trains every method × seed on the
-toy default with the same budget (train.py), evaluates at every checkpoint, then compares them. The plots
-of one run (training.png, written by train.py at the end of a run) are here too; one evaluation's numbers
-(pass@k, diversity, ...) come from eval.py.
+toy default with the same budget (train.py), evaluates at every checkpoint, then compares them. The plot
+of one run (training.png, written by train.py at the end of a run) is runfolder.plot_run; one evaluation's
+numbers (pass@k, diversity, ...) come from eval.py.
 """
 
 from __future__ import annotations
@@ -26,64 +26,7 @@ import torch
 import train
 from config import ConfigError, OneLineParser
 from eval import flat_metrics, k_values
-from runfolder import latest_checkpoint
-
-
-# ====================================================================================================
-# Plots of one run
-# ====================================================================================================
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_run(run_dir: Path) -> Path:
-    """training.png in the run folder: reward, entropy and distinct correct over steps, final pass@k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    steps = [r["step"] for r in rows]
-    for ax, key, label in zip(axes[:3], ("reward_mean", "entropy", "distinct_correct"),
-                              ("mean training reward", "token entropy (nats)", "distinct correct / group")):
-        ys = [r.get(key) for r in rows]
-        if any(y is not None for y in ys):
-            ax.plot([s for s, y in zip(steps, ys) if y is not None], [y for y in ys if y is not None])
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    ax = axes[3]
-    start_path = run_dir / "eval_start.json"
-    curves = [("start", json.loads(start_path.read_text()) if start_path.exists() else None), ("end", summary)]
-    for label, result in curves:
-        if result and "pass_at_k" in result:
-            ks = [int(k) for k in result["pass_at_k"]]
-            ax.plot(ks, [result["pass_at_k"][str(k)] for k in ks], marker="o", label=label)
-            ax.set_xscale("log", base=2)
-            s = result["sampling"]
-            ax.set_title(f"held-out pass@k (T={s['temperature']}, n={s['n']})")
-    if any(result for _, result in curves):
-        ax.legend()
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
-    ax.grid(alpha=0.3)
-    fig.suptitle(run_dir.name)
-    fig.tight_layout()
-    out = run_dir / "training.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+from runfolder import latest_checkpoint, read_metrics
 
 
 # ====================================================================================================

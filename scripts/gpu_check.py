@@ -411,6 +411,7 @@ def g_lp_proxy(st, rep):
     import torch
     import transformers
 
+    import lpreg
     from distributed import autocast
     from forward import token_fields
 
@@ -432,8 +433,11 @@ def g_lp_proxy(st, rep):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
+        # the min-p proxy is Lp-Reg's field function, not a `want` of the forward
+        field_fns = lpreg.LpReg().token_field_fns() if "minp_proxy_logp" in want else None
         with autocast(dev):
-            out = token_fields(model, batch, 1.0, set(want), with_grad=with_grad, chunk_rows=s["lp_chunk_rows"])
+            out = token_fields(model, batch, 1.0, set(want) - {"minp_proxy_logp"}, with_grad=with_grad,
+                               chunk_rows=s["lp_chunk_rows"], field_fns=field_fns)
         assert set(want) <= set(out), f"token_fields did not return {set(want) - set(out)}"
         if with_grad:
             out["logp"].sum().backward()

@@ -63,3 +63,18 @@ def one_step_per_micro_batch_budget(method_cls, argv: list[str], tmp_path, monke
         assert sum(calls) == 16 and (len(calls) == 1 if budget == budgets[0] else len(calls) > 1)
     monkeypatch.setattr(method_cls, "loss", original)
     return params, logged
+
+
+def policy_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, agg="token-mean", norm=None,
+                dual_clip_c=None):
+    """A reference clipped-surrogate loss built from grpo.py's pure functions (`clipped_surrogate` then
+    `aggregate`), for comparing the training code (`Method.loss`) and hand-computed cases against.
+    Returns (loss, {"clip_frac_low", "clip_frac_high"}) with fractions of the valid tokens."""
+    from grpo import Normaliser, aggregate, clipped_surrogate
+
+    norm = norm or Normaliser.of(mask)
+    per_token, low, high = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high, dual_clip_c)
+    m = mask.bool()
+    n_valid = max(int(m.sum()), 1)
+    return aggregate(per_token, mask, agg, norm), {"clip_frac_low": float((low & m).sum()) / n_valid,
+                                                   "clip_frac_high": float((high & m).sum()) / n_valid}

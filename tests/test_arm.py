@@ -14,7 +14,7 @@ import train
 from conftest import one_step_per_micro_batch_budget
 from data import collate
 from forward import token_fields
-from grpo import Method, Normaliser, config_from_preset, group_advantages
+from grpo import GRPOConfig, Method, Normaliser, group_advantages
 
 QUICK = ["--no-final-eval", "--no-progress", "--no-tensorboard"]
 
@@ -145,11 +145,11 @@ def test_numeric_example_from_the_spec():
     adv = group_advantages(correct, 8)
     assert adv[0].item() == pytest.approx(2.474867, abs=1e-6) and adv[1].item() == pytest.approx(-0.353553, abs=1e-6)
     c_o = torch.tensor([0.2, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6])
-    c_q = torch.tensor([0.5])  # one anchor per prompt
-    shifted = arm.arm_advantages(adv, c_q, c_o, correct, 8, alpha=0.3)
+    c_q = torch.tensor([0.5]).repeat_interleave(8)  # one anchor per prompt, shared by its responses
+    shifted = arm.shift_advantages(adv, c_q, c_o, arm.arm_active(correct, 8), alpha=0.3)
     assert shifted[0].item() == pytest.approx(2.564867, abs=1e-6)
     assert shifted[1].item() == pytest.approx(-0.383553, abs=1e-6)
-    only_correct = arm.arm_advantages(adv, c_q, c_o, correct, 8, alpha=0.3, on_incorrect=False)
+    only_correct = arm.shift_advantages(adv, c_q, c_o, arm.arm_active(correct, 8, on_incorrect=False), alpha=0.3)
     assert only_correct[0].item() == pytest.approx(2.564867, abs=1e-6)
     assert torch.equal(only_correct[1:], adv[1:])
 
@@ -167,7 +167,7 @@ def _random_case(seed=0, G=4):
 def test_all_wrong_groups_are_unchanged_and_the_shift_is_bounded_and_exact():
     correct, adv, c_q, c_o = _random_case()
     for alpha in (0.1, 0.3, 1.0):
-        shifted = arm.arm_advantages(adv, c_q, c_o, correct, 4, alpha=alpha)
+        shifted = arm.shift_advantages(adv, c_q, c_o, arm.arm_active(correct, 4), alpha=alpha)
         assert torch.equal(shifted[:4], adv[:4]) and (shifted[:4] == 0).all()  # all wrong: exactly A = 0
         delta = shifted - adv
         assert (delta.abs() < alpha).all()
@@ -185,14 +185,14 @@ def test_all_correct_group_gets_a_signal_that_lowers_confident_answers():
     adv = group_advantages(correct, 4)
     assert (adv == 0).all()  # GRPO: no signal at all
     c_o = torch.tensor([0.9, 0.2, 0.5, 0.7])
-    c_q = torch.tensor([0.4])
-    shifted = arm.arm_advantages(adv, c_q, c_o, correct, 4, alpha=0.3)
+    c_q = torch.tensor([0.4]).repeat_interleave(4)
+    shifted = arm.shift_advantages(adv, c_q, c_o, arm.arm_active(correct, 4), alpha=0.3)
     torch.testing.assert_close(shifted, 0.3 * (0.4 - c_o))
     assert (shifted != 0).all()
     assert int(shifted.argmax()) == int(c_o.argmin()) and int(shifted.argmin()) == int(c_o.argmax())
     assert shifted[0] < 0 < shifted[1]  # the over-confident answer is pushed down, the unsure one up
     assert shifted.sum().item() == pytest.approx(4 * 0.3 * (0.4 - c_o.mean().item()), abs=1e-6)
-    off = arm.arm_advantages(adv, c_q, c_o, correct, 4, alpha=0.3, on_all_correct=False)
+    off = arm.shift_advantages(adv, c_q, c_o, arm.arm_active(correct, 4, on_all_correct=False), alpha=0.3)
     assert torch.equal(off, adv)
 
 
@@ -249,21 +249,22 @@ def _micro_batch(method, seed=0, S=8, T=6, P=5, G=4):
     mask[5, 2:] = 0
     pmask = torch.ones(S, P)
     pmask[:, 0] = 0
-    return {"logp": logp, "old_logp": logp.detach() - 0.3 * torch.rand(S, T, generator=g), "mask": mask,
+    return {"logp": logp, "old_logp": logp.detach() - 0.3 * torch.rand(S, T, generator=g),
+            "response_mask": mask,
             "advantages": adv, "correct": correct, "group_size": G,
             "prompt_logp": -torch.rand(S, P, generator=g) * 4 * pmask, "prompt_logp_mask": pmask,
             "truncated": torch.zeros(S, dtype=torch.bool), **batch["per_seq"]}
 
 
 def _base_method():
-    return Method(config_from_preset("dapo", dynamic_sampling=False, overlong_shaping=False))
+    return Method(GRPOConfig(eps_high=0.28, agg="token-mean"))  # DAPO's clip and loss, no sampling / shaping
 
 
 def test_alpha_zero_is_grpo_with_the_same_clip_exactly():
     method, base = arm.ARM(arm.ARMConfig(alpha=0.0)), _base_method()
     assert (base.cfg.eps_low, base.cfg.eps_high, base.cfg.agg) == (0.2, 0.28, "token-mean")
     mb = _micro_batch(method)
-    norm = Normaliser.of(mb["mask"])
+    norm = Normaliser.of(mb["response_mask"])
     l1, stats = method.loss(mb, norm)
     g1 = torch.autograd.grad(l1, mb["logp"])[0]
     l2, _ = base.loss(mb, norm)
@@ -275,12 +276,12 @@ def test_alpha_zero_is_grpo_with_the_same_clip_exactly():
 def test_gradient_is_the_base_gradient_with_the_constant_shifted_advantage():
     method, base = arm.ARM(), _base_method()
     mb = _micro_batch(method, seed=1)
-    norm = Normaliser.of(mb["mask"])
+    norm = Normaliser.of(mb["response_mask"])
     l1, stats = method.loss(mb, norm)
     g1 = torch.autograd.grad(l1, mb["logp"])[0]
     c_q = arm.prompt_confidence(mb["prompt_logp"], mb["prompt_logp_mask"])
-    c_o = arm.answer_confidence(mb["old_logp"], mb["mask"])
-    shifted = arm.arm_advantages(mb["advantages"], c_q, c_o, mb["correct"], 4, alpha=0.3)
+    c_o = arm.answer_confidence(mb["old_logp"], mb["response_mask"])
+    shifted = arm.shift_advantages(mb["advantages"], c_q, c_o, arm.arm_active(mb["correct"], 4), alpha=0.3)
     assert not torch.equal(shifted, mb["advantages"])  # the all-correct group now carries a signal
     l2, _ = base.loss({**mb, "advantages": shifted}, norm)
     g2 = torch.autograd.grad(l2, mb["logp"])[0]
@@ -297,12 +298,13 @@ def test_loss_uses_old_logp_and_entropy_switch():
     method = arm.ARM()
     mb = _micro_batch(method, seed=2)
     c_q, c_o = method.confidences(mb)
-    torch.testing.assert_close(c_o, arm.answer_confidence(mb["old_logp"], mb["mask"]))
-    assert not torch.allclose(c_o, arm.answer_confidence(mb["logp"].detach(), mb["mask"]))
+    torch.testing.assert_close(c_o, arm.answer_confidence(mb["old_logp"], mb["response_mask"]))
+    assert not torch.allclose(c_o, arm.answer_confidence(mb["logp"].detach(), mb["response_mask"]))
     ent_method = arm.ARM(arm.ARMConfig(low_select="entropy"))
-    mb["entropy"] = torch.rand(mb["mask"].shape, generator=torch.Generator().manual_seed(3))
+    mb["entropy"] = torch.rand(mb["response_mask"].shape, generator=torch.Generator().manual_seed(3))
     _, c_o_ent = ent_method.confidences(mb)
-    torch.testing.assert_close(c_o_ent, arm.answer_confidence(mb["old_logp"], mb["mask"], entropy=mb["entropy"]))
+    torch.testing.assert_close(c_o_ent,
+                               arm.answer_confidence(mb["old_logp"], mb["response_mask"], entropy=mb["entropy"]))
     low_q = arm.ARM(arm.ARMConfig(prompt_low_only=True)).confidences(mb)[0]
     assert (low_q <= c_q + 1e-7).all()
 

@@ -23,8 +23,8 @@ from grpo import (
     informative_groups,
     k3_kl,
     overlong_penalty,
-    policy_loss,
 )
+from conftest import policy_loss  # reference loss (clipped_surrogate + aggregate) to check the training code against
 
 F64 = torch.float64
 
@@ -482,7 +482,7 @@ def _micro_batch(seed=3):
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=F64)
     adv = torch.tensor([0.7, -1.2, 0.3, 0.2], dtype=F64)
     truncated = torch.tensor([True, False, False, False])
-    return {"logp": logp, "old_logp": old, "advantages": adv, "mask": mask, "truncated": truncated,
+    return {"logp": logp, "old_logp": old, "advantages": adv, "response_mask": mask, "truncated": truncated,
             "ref_logp": ref}
 
 
@@ -490,15 +490,15 @@ def _micro_batch(seed=3):
 def test_method_loss_equals_policy_loss(preset):
     cfg = PRESETS[preset]
     mb = _micro_batch()
-    norm = Normaliser(float(mb["mask"].sum()) + 7, 6.0, 9, 2)  # part of a larger batch on 2 ranks
+    norm = Normaliser(float(mb["response_mask"].sum()) + 7, 6.0, 9, 2)  # part of a larger batch on 2 ranks
     loss, stats = Method(cfg).loss(mb, norm)
-    expected, metrics = policy_loss(mb["logp"], mb["old_logp"], mb["advantages"], mb["mask"], cfg.eps_low,
-                                    cfg.eps_high, cfg.agg, norm)
+    expected, metrics = policy_loss(mb["logp"], mb["old_logp"], mb["advantages"], mb["response_mask"],
+                                    cfg.eps_low, cfg.eps_high, cfg.agg, norm)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
     (g1,) = torch.autograd.grad(loss, mb["logp"])
     (g2,) = torch.autograd.grad(expected, mb["logp"])
     assert torch.allclose(g1, g2, atol=1e-12)
-    n_valid = float(mb["mask"].sum())
+    n_valid = float(mb["response_mask"].sum())
     assert stats["clip_low_count"] / n_valid == pytest.approx(metrics["clip_frac_low"])
     assert stats["clip_high_count"] / n_valid == pytest.approx(metrics["clip_frac_high"])
     assert "kl_sum" not in stats
@@ -516,29 +516,29 @@ def test_method_loss_adds_beta_k3(agg):
     beta = 0.04
     cfg = GRPOConfig(kl_coef=beta, agg=agg)
     mb = _micro_batch()
-    norm = Normaliser.of(mb["mask"], 8)
+    norm = Normaliser.of(mb["response_mask"], 8)
     loss, stats = Method(cfg).loss(mb, norm)
-    pg, _ = policy_loss(mb["logp"], mb["old_logp"], mb["advantages"], mb["mask"], agg=agg, norm=norm)
-    kl = aggregate(k3_kl(mb["logp"], mb["ref_logp"]), mb["mask"], agg, norm)
+    pg, _ = policy_loss(mb["logp"], mb["old_logp"], mb["advantages"], mb["response_mask"], agg=agg, norm=norm)
+    kl = aggregate(k3_kl(mb["logp"], mb["ref_logp"]), mb["response_mask"], agg, norm)
     assert kl.item() > 0
     assert loss.item() == pytest.approx((pg + beta * kl).item(), abs=1e-12)
     (g1,) = torch.autograd.grad(loss, mb["logp"])
     (g2,) = torch.autograd.grad(pg + beta * kl, mb["logp"])
     assert torch.allclose(g1, g2, atol=1e-12)
     k3 = k3_kl(mb["logp"], mb["ref_logp"]).detach()
-    assert stats["kl_sum"] == pytest.approx(float((k3 * mb["mask"]).sum()))
+    assert stats["kl_sum"] == pytest.approx(float((k3 * mb["response_mask"]).sum()))
 
 
 def test_mask_truncated_zeros_truncated_rows():
     mb = _micro_batch()
     mb["old_logp"] = mb["logp"].detach()  # on-policy, so no valid token is clipped
-    norm = Normaliser.of(mb["mask"])
+    norm = Normaliser.of(mb["response_mask"])
     cfg = GRPOConfig(agg="token-mean", mask_truncated=True)
     loss, _ = Method(cfg).loss(mb, norm)
     (grad,) = torch.autograd.grad(loss, mb["logp"])
     assert torch.equal(grad[0], torch.zeros(5, dtype=F64))  # row 0 is truncated
-    assert grad[1:][mb["mask"][1:] > 0].abs().min() > 0
-    kept = mb["mask"].clone()
+    assert grad[1:][mb["response_mask"][1:] > 0].abs().min() > 0
+    kept = mb["response_mask"].clone()
     kept[0] = 0
     expected, _ = policy_loss(mb["logp"], mb["old_logp"], mb["advantages"], kept, agg="token-mean", norm=norm)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-12)

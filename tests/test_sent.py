@@ -298,14 +298,14 @@ def _mb(seed=0, on_policy=False, ref_equal=False):
     mask = torch.ones(S, T)
     mask[1, 5:] = 0
     mask[3, 2:] = 0
-    return {"logp": logp, "old_logp": old, "ref_logp": ref, "mask": mask, "advantages": torch.randn(S, generator=g),
+    return {"logp": logp, "old_logp": old, "ref_logp": ref, "response_mask": mask, "advantages": torch.randn(S, generator=g),
             "entropy": torch.rand(S, T, generator=g), "truncated": torch.zeros(S, dtype=torch.bool), "group_size": 4}
 
 
 def _loss_and_grad(method, mb):
     mb = dict(mb)
     mb["logp"] = mb["logp"].detach().clone().requires_grad_(True)
-    loss, _ = method.loss(mb, Normaliser.of(mb["mask"]))
+    loss, _ = method.loss(mb, Normaliser.of(mb["response_mask"]))
     loss.backward()
     return loss.detach(), mb["logp"].grad
 
@@ -315,7 +315,7 @@ def test_zero_betas_give_the_grpo_token_mean_loss_exactly(scope):
     mb = _mb()
     sent = SENT(SENTConfig(beta_high=0.0, beta_low=0.0, sent_scope=scope))
     if scope == "batch":  # the tiers come from prepare_update; here the batch is this micro-batch
-        mb["sent_tier"] = sent_token_sets(mb["entropy"], mb["old_logp"], mb["advantages"], mb["mask"])["tier"]
+        mb["sent_tier"] = sent_token_sets(mb["entropy"], mb["old_logp"], mb["advantages"], mb["response_mask"])["tier"]
     grpo = Method(GRPOConfig(agg="token-mean", eps_low=0.2, eps_high=0.2))
     l_sent, g_sent = _loss_and_grad(sent, mb)
     l_grpo, g_grpo = _loss_and_grad(grpo, mb)
@@ -335,13 +335,13 @@ def test_kl_is_inactive_at_step_zero_and_active_elsewhere():
     l_s, g_s = _loss_and_grad(sent, mb)
     l_g, g_g = _loss_and_grad(grpo, mb)
     # micro-batch scope: the tiers come from the current policy's detached logp (S11)
-    tier = sent_token_sets(mb["entropy"], mb["logp"].detach(), mb["advantages"], mb["mask"], rho_cov=0.002)["tier"]
-    beta = tier_betas(tier * mb["mask"], 0.2, 0.05)
+    tier = sent_token_sets(mb["entropy"], mb["logp"].detach(), mb["advantages"], mb["response_mask"], rho_cov=0.002)["tier"]
+    beta = tier_betas(tier * mb["response_mask"], 0.2, 0.05)
     delta = mb["ref_logp"] - mb["logp"].detach()
-    expected = beta * (1 - torch.exp(delta)) * mb["mask"] / mb["mask"].sum()
+    expected = beta * (1 - torch.exp(delta)) * mb["response_mask"] / mb["response_mask"].sum()
     assert torch.allclose(g_s - g_g, expected, atol=1e-7)
     kl = k3_kl(mb["logp"].detach(), mb["ref_logp"])
-    assert float(l_s - l_g) == pytest.approx(float((beta * kl * mb["mask"]).sum() / mb["mask"].sum()), abs=1e-6)
+    assert float(l_s - l_g) == pytest.approx(float((beta * kl * mb["response_mask"]).sum() / mb["response_mask"].sum()), abs=1e-6)
 
 
 def test_release_compat_at_ratio_one():
@@ -350,7 +350,7 @@ def test_release_compat_at_ratio_one():
     sent = SENT(SENTConfig(release_compat=True))
     assert sent.cfg.scope == "microbatch" and sent.cfg.cov_fraction == 0.0002
     loss, grad = _loss_and_grad(sent, mb)
-    m = mb["mask"]
+    m = mb["response_mask"]
     a = mb["advantages"].unsqueeze(-1).expand_as(m)
     kl = k3_kl(mb["logp"].detach(), mb["ref_logp"])
     expected = -(a * m).sum() / m.sum() + 0.001 * (kl * m).sum() / m.sum()
@@ -369,7 +369,7 @@ def test_release_compat_at_ratio_one():
 def _release_reference_loss(mb, rho_cov):
     """The release's micro-batch loss from the CURRENT forward (its entropy and detached logp), π_old only
     in the ratio and the |Δlogp| penalty: −A·ρ + c·|logp − old_logp|, token-mean, + 0.001·token-mean(k3)."""
-    logp, old, m = mb["logp"], mb["old_logp"], mb["mask"]
+    logp, old, m = mb["logp"], mb["old_logp"], mb["response_mask"]
     coef = _release_coefficients(mb["cur_entropy"], logp, mb["advantages"], m, rho_cov)
     a = mb["advantages"].unsqueeze(-1).expand_as(logp)
     per_token = -a * torch.exp(logp - old) + coef * (logp - old).abs()
@@ -407,7 +407,7 @@ def test_batch_scope_prepare_update_selects_over_the_whole_batch():
     batch = {"response_mask": mask, "truncated": torch.zeros(2, dtype=torch.bool), "advantages": adv,
              "fields": {"entropy": entropy, "old_logp": logp}}
     sent = SENT(SENTConfig(rho_cov=0.25))
-    assert sent.needs_batch_fields and {"entropy", "ref_logp", "prompt_sampler"} <= sent.needs()
+    assert sent.needs_batch_fields and {"entropy", "ref_logp"} <= sent.needs() and sent.curriculum() is sent.cfg
     sent.prepare_update(batch, [0, 1], Dist())
     direct = sent_token_sets(entropy, logp, adv, mask, rho_cov=0.25)["tier"]
     assert torch.equal(batch["fields"]["sent_tier"], direct)
@@ -516,7 +516,7 @@ def test_resume_across_a_stage_boundary_is_bit_exact(toy_model_dir, tmp_path, st
     mid = torch.load(resumed / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
     assert mid["sampler"]["stage"] == int(restart)
     if restart:  # the new reference is the policy after step 1, saved for --resume
-        ref = _params(resumed / "sent_ref" / "stage_1")
+        ref = _params(resumed / "reference" / "step_000001")
         init = load_file(str(Path(toy_model_dir) / "model.safetensors"))
         assert any(not torch.equal(ref[k], init[k]) for k in ref)
         # the first update of stage 2 (logged as step 2) starts with π_θ = π_ref: k3 is exactly 0 again

@@ -11,6 +11,7 @@ import train
 from config import ConfigError, TrainConfig
 from data import PromptSampler, collate, load_prompts
 from forward import split_micro_batches, token_fields
+from lpreg import LpReg, LpRegConfig
 
 
 def _load(path):
@@ -68,9 +69,8 @@ def test_token_fields_match_direct_computation(tiny_model_dir, chunk_rows, tempe
     prompts = [tok("3 5 7>22:")["input_ids"], tok("1 2>3:")["input_ids"]]
     responses = [tok("5*3=15,15+7=22")["input_ids"] + [tok.eos_token_id], tok("1+2=3")["input_ids"]]
     batch = collate(prompts, responses, tok.pad_token_id, tok.eos_token_id)
-    want = {"entropy", "minp_proxy_logp", "prompt_logp"}
-    fields = token_fields(model, batch, temperature, want, with_grad=True, chunk_rows=chunk_rows,
-                          minp_kappa=0.3)
+    fields = token_fields(model, batch, temperature, {"entropy", "prompt_logp"}, with_grad=True,
+                          chunk_rows=chunk_rows, field_fns=LpReg(LpRegConfig(kappa=0.3)).token_field_fns())
     logp, ent, proxy, plogp = _direct_fields(model, batch, temperature, 0.3)
     torch.testing.assert_close(fields["logp"].detach(), logp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fields["entropy"], ent, atol=1e-5, rtol=1e-5)
@@ -179,47 +179,49 @@ def test_method_overrides_from_cli():
         train.build_method("grpo", {"not_a_field": 1})
 
 
-def test_batch_fields_come_from_the_training_forward_when_it_is_one_micro_batch(toy_model_dir, tmp_path,
-                                                                                   monkeypatch):
-    """A method with needs_batch_fields sees the same π_old fields whether they come from the fused
-    training forward (batch fits one micro-batch: no prepass) or from a no-grad prepass (small budget)."""
+def test_batch_fields_are_the_same_for_one_or_many_micro_batches(toy_model_dir, tmp_path, monkeypatch):
+    """A method with needs_batch_fields always gets the no-grad prepass (one per step), and sees the same
+    π_old fields, selection and update whether the batch is one micro-batch or several (small budget)."""
     from safetensors.torch import load_file
 
     from grpo import Method
+    from lpreg import LpReg
 
     seen = {}
 
     class Recorder(Method):
         needs_batch_fields = True
 
-        def needs(self):
-            return super().needs() | {"minp_proxy_logp"}
+        def token_field_fns(self):
+            return LpReg().token_field_fns()  # the min-p proxy as a method-supplied field
 
         def prepare_update(self, batch, rows, dist):
             fields = batch["fields"]
             seen.setdefault(self.tag, []).append({k: v.clone() for k, v in fields.items()})
             fields["selected"] = (fields["minp_proxy_logp"] > fields["old_logp"]).float()  # a token selection
 
-        def loss(self, mb, norm):
-            assert "selected" in mb and mb["selected"].shape == mb["mask"].shape
-            return super().loss(mb, norm)
+        def token_loss(self, mb, advantages, mask, stats):
+            assert "selected" in mb and mb["selected"].shape == mb["response_mask"].shape
+            return super().token_loss(mb, advantages, mask, stats)
 
     prepasses = []
     original = train.Trainer.prepass
-    monkeypatch.setattr(train.Trainer, "prepass", lambda self, batch: prepasses.append(1) or original(self, batch))
+    monkeypatch.setattr(train.Trainer, "prepass", lambda self, batch, rows, current=False:
+                        prepasses.append(1) or original(self, batch, rows, current))
     params = {}
-    for tag, budget in (("fused", 10**6), ("prepass", 200)):
+    for tag, budget in (("one", 10**6), ("many", 200)):
         Recorder.tag = tag
+        prepasses.clear()
         monkeypatch.setattr(train, "build_method", lambda name, overrides=None: Recorder())
         out = tmp_path / tag
         assert train.main(["--steps", "1", "--prompts-per-step", "4", "--group-size", "4", "--seed", "5",
                            "--micro-batch-tokens", str(budget), "--out", str(out), "--no-final-eval",
                            "--no-progress", "--no-tensorboard"]) == 0
         params[tag] = load_file(str(out / "checkpoints" / "step_000001" / "model.safetensors"))
-        assert len(prepasses) == (0 if tag == "fused" else 1)
-    (fused,), (pre,) = seen["fused"], seen["prepass"]
-    assert fused.keys() >= pre.keys() >= {"old_logp", "minp_proxy_logp"}  # (fused also has logged entropy)
-    for k in pre:
-        torch.testing.assert_close(fused[k], pre[k], atol=1e-5, rtol=1e-5)
-    for k, v in params["fused"].items():
-        torch.testing.assert_close(v, params["prepass"][k], atol=3e-5, rtol=1e-3)
+        assert len(prepasses) == 1
+    (one,), (many,) = seen["one"], seen["many"]
+    assert one.keys() == many.keys() >= {"old_logp", "minp_proxy_logp"}
+    for k in one:
+        torch.testing.assert_close(one[k], many[k], atol=1e-5, rtol=1e-5)
+    for k, v in params["one"].items():
+        torch.testing.assert_close(v, params["many"][k], atol=3e-5, rtol=1e-3)
