@@ -1,11 +1,12 @@
-"""forward.py — per-token quantities (log-probs, entropy, Lp-Reg's min-p proxy, prompt log-probs) from one
-decoder pass, with the vocabulary-sized work done on chunks of rows.
+"""forward.py — per-token quantities (log-probs, entropy, prompt log-probs, a method's own fields such as
+Lp-Reg's min-p proxy) from one decoder pass, with the vocabulary-sized work done on chunks of rows.
 
 `token_fields` runs the decoder once and the LM head + log-softmax on chunks (`_rows_in_chunks`,
 `_chunk_stats`), so [batch, length, vocab] logits never exist at once; `split_micro_batches` /
-`slice_batch` cut a padded batch into micro-batches under a token budget, and `place_fields` writes their
-results back. Separate because the loss of every method, evaluation's entropy and the SE curriculum all
-read the policy through it.
+`slice_batch` cut a padded batch into micro-batches under a token budget, `place_fields` writes their
+results back, and `no_grad_fields` is the one micro-batched no-grad pass (the training prepass,
+evaluation's entropy, the SE curriculum's scoring). Separate because every method's loss, evaluation and
+the SE curriculum all read the policy through it.
 """
 
 from __future__ import annotations
