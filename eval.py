@@ -5,8 +5,11 @@
     python eval.py --model Qwen/Qwen2.5-Math-1.5B --dataset data.jsonl --n 64 --temperature 0.7
 
 It writes eval.json and passk.png into --out and prints a short table: unbiased pass@k for k = 1, 2, 4,
-..., n, avg@n, maj@n, distinct correct solutions, semantic and formula diversity (all samples
-and correct ones), and the policy's token entropy on its own samples. Every number is reported with the
+..., n, avg@n, maj@n, distinct correct solutions and their effective number (exp of the entropy of the
+correct samples' solution distribution), semantic and formula diversity (all samples and correct ones), and
+the policy's token entropy on its own samples. eval.json also keeps a compact per-prompt record
+(`per_prompt`), so that two methods' runs can be compared prompt by prompt with the bootstrap intervals
+of the Statistics section (bootstrap_difference: resampling prompts and seeds). Every number is reported with the
 sampling parameters that produced it (temperature, top_p, n, k), as the grpo spec §8 asks.
 The diversity metrics are DSDR's D_emb and D_eq (imported from dsdr.py). Comparing run folders and the
 methods × seeds study on the toy are in study.py.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -96,16 +100,35 @@ def solution_identity(result, text: str, task: str):
     return frozenset(formulas) if formulas else " ".join(text.split())
 
 
+def effective_solutions(identities: list) -> float:
+    """The effective number of solutions among one prompt's correct samples: exp of the Shannon entropy
+    (natural log) of the distribution of their solution identities (solution_identity), i.e. the Hill
+    number of order 1.
+
+    1 when every correct sample is the same solution, K when K solutions are equally frequent, and in
+    between when they are not: [a, a, a, b] gives exp(H(3/4, 1/4)) ≈ 1.755, where distinct_correct says 2.
+    It counts solutions weighted by how often the policy finds them, so a rare second solution adds little.
+    No correct sample gives 0: nothing solved = no solution (not 1, which would mean "one solution").
+    """
+    if not identities:
+        return 0.0
+    counts = np.fromiter(Counter(identities).values(), dtype=np.float64)
+    p = counts / counts.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 def problem_metrics(results: list, example: dict, texts: list[str] | None = None) -> dict:
     """Per-problem correctness metrics; `texts` (the decoded samples) are needed for math problems'
-    distinct-correct count (see solution_identity)."""
+    distinct-correct count and effective number of solutions (see solution_identity)."""
     n = len(results)
     c = sum(r.correct for r in results)
     task = example.get("task", "math")
     texts = texts if texts is not None else [r.answer or "" for r in results]
+    identities = [solution_identity(r, t, task) for r, t in zip(results, texts) if r.correct]
     return {
         "n": n, "c": c,
-        "distinct_correct": len({solution_identity(r, t, task) for r, t in zip(results, texts) if r.correct}),
+        "distinct_correct": len(set(identities)),
+        "effective_solutions": effective_solutions(identities),
         "pass_at_k": {k: pass_at_k(n, c, k) for k in k_values(n)},
         "maj_at_n": majority_correct([r.answer for r in results], example, results),
     }
@@ -123,6 +146,7 @@ def _nanmean(values) -> float:
 
 
 def aggregate_metrics(per_problem: list[dict]) -> dict:
+    """Means over prompts of problem_metrics dicts; "…_on_solvable": over the prompts with c > 0 only."""
     n = per_problem[0]["n"]
     ks = k_values(n)
     solvable = [p for p in per_problem if p["c"] > 0]
@@ -136,6 +160,10 @@ def aggregate_metrics(per_problem: list[dict]) -> dict:
         "distinct_correct_on_solvable": float(np.mean([p["distinct_correct"] for p in solvable])) if solvable else 0.0,
         "frac_solvable": len(solvable) / len(per_problem),
     }
+    if "effective_solutions" in per_problem[0]:  # (0 on unsolved prompts: the first mean counts them as 0)
+        out["effective_solutions"] = float(np.mean([p["effective_solutions"] for p in per_problem]))
+        out["effective_solutions_on_solvable"] = \
+            float(np.mean([p["effective_solutions"] for p in solvable])) if solvable else 0.0
     for key in DIVERSITY_KEYS:
         if key in per_problem[0]:
             out[key] = _nanmean(p[key] for p in per_problem)
@@ -236,6 +264,36 @@ def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]
     return sums.tolist(), batch["lengths"].tolist()
 
 
+def restore_order(parts: list[list]) -> list:
+    """Undo the round-robin split of evaluate_policy: rank r of W = len(parts) evaluated examples r, r + W,
+    r + 2W, ... (examples[rank::world]), and `parts` is every rank's list in rank order (gather_objects).
+    Returns the items in the original example order, the same for every world size."""
+    world = len(parts)
+    total = sum(len(part) for part in parts)
+    out = [None] * total
+    for rank, part in enumerate(parts):
+        if len(part) != len(range(rank, total, world)):
+            raise ValueError(f"rank {rank} holds {len(part)} items; a round-robin split of {total} items over "
+                             f"{world} ranks gives it {len(range(rank, total, world))}")
+        out[rank::world] = part
+    return out
+
+
+# The per-prompt record of an evaluation (`result["per_prompt"]`): compact lists in the example order, for
+# comparisons prompt by prompt (per_prompt_values, bootstrap_difference). The entropy lists only when the
+# token entropy was computed.
+PER_PROMPT_KEYS = ("id", "c", "distinct_correct", "effective_solutions", "entropy_sum", "entropy_tokens")
+
+
+def per_prompt_record(per_problem: list[dict], n: int) -> dict:
+    """`result["per_prompt"]` from problem_metrics dicts in example order (each with its "id")."""
+    record = {"n": n}
+    for key in PER_PROMPT_KEYS:
+        if key in per_problem[0]:
+            record[key] = [p[key] for p in per_problem]
+    return record
+
+
 def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperature: float, top_p: float,
                     max_new_tokens: int, seed: int = 0, dist=None, diversity: bool = True,
                     entropy_model=None, top_k: int = 0, answer_mode: str = verifier.DEFAULT_MATH_MODE) -> dict:
@@ -247,6 +305,10 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
     `entropy_model` (the policy, as an HF model) also the mean token entropy of the policy on its own
     samples. With several ranks each samples its share of prompts and the per-prompt results are
     gathered, so every rank returns the same numbers.
+
+    `out["per_prompt"]` keeps, per prompt in the order of `examples` (whatever the world size), its id
+    (the example's "id", else its index), c, distinct_correct, effective_solutions and, with the entropy,
+    entropy_sum / entropy_tokens, plus n: see per_prompt_values and the bootstrap intervals.
     """
     world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
     torch.manual_seed(seed + rank)
@@ -258,6 +320,8 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
     prompt_ids, responses, texts, results = raw["prompt_ids"], raw["responses"], raw["texts"], raw["results"]
     per_problem = [problem_metrics(results[i * n:(i + 1) * n], ex, texts[i * n:(i + 1) * n])
                    for i, ex in enumerate(mine)]
+    for i, (p, ex) in enumerate(zip(per_problem, mine)):
+        p["id"] = ex.get("id", rank + i * world)  # (its index in `examples` when it has no id)
     if diversity and texts:
         z = get_encoder().encode(texts)
         formula_sets = [extract_formulas(t) for t in texts]
@@ -272,12 +336,215 @@ def evaluate_policy(rollout, tokenizer, examples: list[dict], n: int, temperatur
                                       tokenizer.pad_token_id, tokenizer.eos_token_id, temperature, dist=dist)
         for i, p in enumerate(per_problem):
             p["entropy_sum"], p["entropy_tokens"] = sum(sums[i * n:(i + 1) * n]), sum(counts[i * n:(i + 1) * n])
-    if dist is not None and dist.enabled:
-        per_problem = [p for part in dist.gather_objects(per_problem) for p in part]
+    if dist is not None and dist.enabled:  # rank-interleaved → the example order
+        per_problem = restore_order(dist.gather_objects(per_problem))
     out = aggregate_metrics(per_problem)
     out["sampling"] = {"temperature": temperature, "top_p": top_p, "n": n, "max_new_tokens": max_new_tokens,
                        "seed": seed, **extra}
+    out["per_prompt"] = per_prompt_record(per_problem, n)
     return out
+
+
+# ====================================================================================================
+# Statistics: per-prompt values and bootstrap confidence intervals over prompts and seeds
+# ====================================================================================================
+#
+# "Method A trains a better policy than method B" is a claim about two sources of chance: which held-out
+# prompts we happened to evaluate on (prompt-to-prompt variation: some prompts are easy, some hard, and a
+# few hundred of them are a sample), and which training run we happened to get (seed-to-seed variation:
+# two seeds of one method can end at quite different policies). An interval over prompts alone treats one
+# training run as if it were the method, and understates the uncertainty of the comparison; an interval
+# over seeds alone (mean ± std of a handful of runs) ignores that every run was scored on the same finite
+# prompt set. The bootstrap below resamples both: in each replicate the prompts once, with replacement,
+# and the SAME prompt indices for both arms (both arms are scored on the same prompts, so the comparison is
+# paired: a hard prompt lowers both arms and cancels in the difference), and the seeds of each arm with
+# replacement, independently per arm (the runs of A and of B are independent). The statistic is the mean
+# over the resampled seeds × resampled prompts; the interval is the percentile interval of the replicates.
+#
+# Seeds and prompts are crossed (every seed is scored on every prompt), and resampling rows and columns
+# independently is Owen's (2007) "pigeonhole bootstrap". It is mildly conservative: the seed × prompt
+# interaction noise (including the sampling noise of the n samples per prompt) is counted up to three
+# times in the replicates' variance instead of once, so with several seeds and little systematic
+# seed or prompt effect the interval is up to √3 times too wide; a too-wide interval is the safe side.
+# With one seed per arm the seed level contributes nothing, and the interval covers prompt sampling only:
+# it then says how sure we are about these two training runs on this prompt population, not about the
+# methods.
+
+
+def per_prompt_values(result: dict, metric: str, k: int | None = None) -> np.ndarray:
+    """One value per prompt (in the evaluation's example order) from an evaluation's per-prompt record.
+
+    `result`: an evaluate_policy result (or eval.json / summary.json read back), or its "per_prompt"
+    dict. metric: "pass@k" (the unbiased pass_at_k(n, c, k); give k, or write it in: "pass@8"), "pass@1"
+    (= c/n), "distinct_correct", "effective_solutions", "token_entropy" (entropy_sum / entropy_tokens: the
+    mean entropy per token of the prompt's samples; nan where they have no token).
+    """
+    record = result.get("per_prompt", result)
+    if "c" not in record or "n" not in record:
+        raise ValueError("this evaluation has no per-prompt record (result['per_prompt']): re-evaluate with "
+                         "the current eval.py")
+    n, c = int(record["n"]), [int(x) for x in record["c"]]
+    if metric.startswith("pass@"):
+        if metric != "pass@k":
+            k = int(metric[len("pass@"):])
+        if k is None:
+            raise ValueError("pass@k needs k (per_prompt_values(result, 'pass@k', k=8) or 'pass@8')")
+        return np.array([pass_at_k(n, ci, k) for ci in c], dtype=np.float64)
+    if metric in ("distinct_correct", "effective_solutions"):
+        return np.asarray(record[metric], dtype=np.float64)
+    if metric == "token_entropy":
+        if "entropy_sum" not in record:
+            raise ValueError("this evaluation has no token entropy (evaluate_policy without entropy_model)")
+        sums = np.asarray(record["entropy_sum"], dtype=np.float64)
+        tokens = np.asarray(record["entropy_tokens"], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(tokens > 0, sums / np.where(tokens > 0, tokens, 1.0), np.nan)
+    raise ValueError(f"unknown per-prompt metric {metric!r}: pass@k, pass@1, distinct_correct, "
+                     f"effective_solutions or token_entropy")
+
+
+def per_prompt_matrix(results: list[dict], metric: str, k: int | None = None) -> np.ndarray:
+    """[seeds, prompts]: per_prompt_values of several evaluations (one per seed) of the same prompts, for
+    bootstrap_mean / bootstrap_difference; refuses evaluations whose prompt ids differ (not aligned)."""
+    if not results:
+        raise ValueError("per_prompt_matrix needs at least one evaluation")
+    ids = [list(r.get("per_prompt", r).get("id", [])) for r in results]
+    if any(i != ids[0] for i in ids[1:]):
+        raise ValueError("the evaluations are not of the same prompts in the same order (their per-prompt ids "
+                         "differ): evaluate every run on the same held-out prompts")
+    return np.stack([per_prompt_values(r, metric, k) for r in results])
+
+
+def _as_seeds_by_prompts(values, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:  # one seed
+        values = values[None, :]
+    if values.ndim != 2 or values.shape[0] < 1 or values.shape[1] < 1:
+        raise ValueError(f"{name} must be [seeds, prompts] with at least one of each, got shape {values.shape}")
+    return values
+
+
+def _check_bootstrap_args(n_boot: int, level: float) -> None:
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def _resampled_means(values: np.ndarray, seed_counts: np.ndarray, prompt_counts: np.ndarray) -> np.ndarray:
+    """The nanmean over resampled seeds × resampled prompts, one per replicate, from how often each seed
+    (seed_counts [B, S]) and each prompt (prompt_counts [B, P]) was drawn: a resampled cell (s, p) appears
+    seed_counts[s] · prompt_counts[p] times, so the mean is a weighted mean over the original cells, with
+    nan cells left out of both sums (nan when a replicate drew no defined cell)."""
+    defined = ~np.isnan(values)
+    total = (seed_counts @ np.where(defined, values, 0.0) * prompt_counts).sum(1)
+    weight = (seed_counts @ defined.astype(np.float64) * prompt_counts).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan)
+
+
+def _bootstrap_replicates(arms: list[np.ndarray], n_boot: int, seed: int) -> list[np.ndarray]:
+    """Per arm, n_boot resampled means: prompts drawn once per replicate for all arms (paired), seeds
+    drawn per arm. Vectorised over replicates in chunks of about 4M cells."""
+    rng = np.random.default_rng(seed)
+    n_prompts = arms[0].shape[1]
+    chunk = max(1, min(n_boot, 4_000_000 // n_prompts))
+    out = [[] for _ in arms]
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        prompt_counts = rng.multinomial(n_prompts, np.full(n_prompts, 1.0 / n_prompts), size=b).astype(np.float64)
+        for i, values in enumerate(arms):
+            n_seeds = values.shape[0]
+            seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=b).astype(np.float64)
+            out[i].append(_resampled_means(values, seed_counts, prompt_counts))
+    return [np.concatenate(parts) for parts in out]
+
+
+def _percentiles(replicates: np.ndarray, level: float) -> tuple[float, float]:
+    tail = 100.0 * (1.0 - level) / 2.0
+    with np.errstate(all="ignore"):
+        lo, hi = np.nanpercentile(replicates, [tail, 100.0 - tail]) if np.isfinite(replicates).any() \
+            else (np.nan, np.nan)
+    return float(lo), float(hi)
+
+
+def bootstrap_mean(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """The mean of a per-prompt metric over seeds and prompts, with a bootstrap percentile interval.
+
+    values: [seeds, prompts] (a 1-D array is one seed), e.g. per_prompt_matrix(results, "pass@1").
+    Each of n_boot replicates resamples the prompts and the seeds with replacement (the two levels, see
+    the section comment: prompt-to-prompt and seed-to-seed variation both matter) and takes the mean over
+    the resampled seeds × prompts. With one seed the interval covers prompt sampling only. nan values
+    (e.g. token entropy of a prompt without tokens) are left out: the mean and every replicate are
+    nanmeans over the cells. Returns {mean, lo, hi, n_seeds, n_prompts}; numpy Generator seeded by
+    `seed`, so the interval is deterministic.
+    """
+    _check_bootstrap_args(n_boot, level)
+    values = _as_seeds_by_prompts(values, "values")
+    (replicates,) = _bootstrap_replicates([values], n_boot, seed)
+    lo, hi = _percentiles(replicates, level)
+    with np.errstate(all="ignore"):
+        mean = float(np.nanmean(values)) if (~np.isnan(values)).any() else float("nan")
+    return {"mean": mean, "lo": lo, "hi": hi, "n_seeds": values.shape[0], "n_prompts": values.shape[1]}
+
+
+def bootstrap_difference(treatment, control, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Treatment minus control of a per-prompt metric, with a paired two-level bootstrap interval.
+
+    treatment, control: [seeds, prompts] (seed counts may differ; a 1-D array is one seed) of the same
+    metric on the SAME held-out prompts, columns aligned (per_prompt_matrix checks the ids). Each of n_boot
+    replicates draws the prompts once with replacement, the same indices for both arms (paired: both arms
+    saw the same prompts, so prompt difficulty cancels in the difference), and the seeds of each arm with
+    replacement, independently per arm (independent training runs); its statistic is the mean over
+    (resampled seeds, resampled prompts) of treatment minus the same for control. Resampling prompts alone
+    would treat each run as the method and understate the uncertainty of "A trains better than B"; with
+    one seed per arm the seed level contributes nothing and the interval covers prompt sampling only.
+    `diff` is nanmean(treatment) − nanmean(control) over all cells; [lo, hi] the percentile interval at
+    `level`. nan values are left out of every mean (nanmean; a replicate in which an arm has no defined
+    cell is dropped from the percentiles). Deterministic for a fixed `seed` (numpy Generator).
+    Returns {diff, lo, hi, n_seeds_t, n_seeds_c, n_prompts}.
+    """
+    _check_bootstrap_args(n_boot, level)
+    treatment = _as_seeds_by_prompts(treatment, "treatment")
+    control = _as_seeds_by_prompts(control, "control")
+    if treatment.shape[1] != control.shape[1]:
+        raise ValueError(f"treatment has {treatment.shape[1]} prompts and control {control.shape[1]}: the arms "
+                         f"must be scored on the same prompts, columns aligned")
+    rep_t, rep_c = _bootstrap_replicates([treatment, control], n_boot, seed)
+    lo, hi = _percentiles(rep_t - rep_c, level)
+    with np.errstate(all="ignore"):
+        diff = float(np.nanmean(treatment) - np.nanmean(control)) \
+            if (~np.isnan(treatment)).any() and (~np.isnan(control)).any() else float("nan")
+    return {"diff": diff, "lo": lo, "hi": hi, "n_seeds_t": treatment.shape[0], "n_seeds_c": control.shape[0],
+            "n_prompts": treatment.shape[1]}
+
+
+# (metric of per_prompt_values, title) compared between a run and its same-base control
+COMPARED = (("pass@1", "pass@1"), ("pass@kmax", "pass@{kmax}"), ("distinct_correct", "distinct correct / prompt"),
+            ("effective_solutions", "effective solutions / prompt"), ("token_entropy", "token entropy (nats)"))
+
+
+def comparison_table(result: dict, control: dict, label: str, control_label: str, n_boot: int = 2000) -> str:
+    """A run's held-out evaluation next to its same-base control's (the same prompts): per metric both
+    means and the difference with its 95 % bootstrap interval over prompts (one seed each, so the interval
+    covers prompt sampling, not seed-to-seed training noise: a study with several seeds settles that).
+    `train.py --with-control` prints it at the end of a run (`make train` does)."""
+    kmax = min(int(result["n_samples"]), int(control["n_samples"]))
+    lines = [f"| held-out, {result['n_problems']} prompts × {kmax} samples | {label} | {control_label} | "
+             f"difference [95 % CI] |", "|---|---|---|---|"]
+    for metric, title in COMPARED:
+        name, k = ("pass@k", kmax) if metric == "pass@kmax" else (metric, None)
+        try:
+            a, b = per_prompt_values(result, name, k), per_prompt_values(control, name, k)
+        except ValueError:  # e.g. no token entropy in this evaluation
+            continue
+        d = bootstrap_difference(a, b, n_boot=n_boot)
+        mark = " *" if d["lo"] > 0 or d["hi"] < 0 else ""
+        lines.append(f"| {title.format(kmax=kmax)} | {np.nanmean(a):.3f} | {np.nanmean(b):.3f} | "
+                     f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]{mark} |")
+    return "\n".join(lines) + ("\n\n* the interval excludes 0. One seed each: the interval covers the held-out "
+                               "prompts only; docs/studies/toy has 3 seeds per setting.\n")
+
 
 
 # ====================================================================================================
@@ -312,7 +579,10 @@ def format_table(result: dict) -> str:
     lines = [f"problems={result['n_problems']}  n={s['n']}  T={s['temperature']}  top_p={s['top_p']}",
              f"avg@{s['n']} (= pass@1) {result['avg_at_n']:.4f}   maj@{s['n']} {result['maj_at_n']:.4f}   "
              f"distinct correct {result['distinct_correct']:.2f} "
-             f"({result['distinct_correct_on_solvable']:.2f} on solvable)",
+             f"({result['distinct_correct_on_solvable']:.2f} on solvable)"
+             + (f"   effective solutions {result['effective_solutions']:.2f} "
+                f"({result['effective_solutions_on_solvable']:.2f} on solvable)"
+                if "effective_solutions" in result else ""),
              "k       " + " ".join(f"{k:>7}" for k in result["pass_at_k"]),
              "pass@k  " + " ".join(f"{v:7.4f}" for v in result["pass_at_k"].values())]
     if "semantic_diversity" in result:
@@ -325,8 +595,8 @@ def format_table(result: dict) -> str:
 
 
 def flat_metrics(result: dict, prefix: str = "eval/") -> dict:
-    """An evaluation result as flat scalars for metrics.jsonl: pass@k as `pass@K` keys, nested dicts
-    (sampling parameters) left out."""
+    """An evaluation result as flat scalars for metrics.jsonl: pass@k as `pass@K` keys, nested dicts and
+    lists (sampling parameters, the per-prompt record) left out."""
     out = {f"{prefix}{k}": v for k, v in result.items() if isinstance(v, (int, float))}
     out.update({f"{prefix}pass@{k}": v for k, v in result.get("pass_at_k", {}).items()})
     return out
