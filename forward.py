@@ -21,7 +21,9 @@ from distributed import autocast, dummy_batch, pad_forwards, to_device
 def _chunk_stats(h, lm_head, targets, temperature, want: set, field_fns: dict | None = None) -> dict:
     """Log-prob of `targets` (with grad if h requires grad) and detached extras for rows of `h`:
     "entropy" if wanted, and name → fn(raw_logits, logits, lse, targets) for each method field function
-    (Lp-Reg's proxy). raw_logits are z, logits z / T (the same tensor at T = 1), lse = logsumexp(z / T)."""
+    (Lp-Reg's proxy). raw_logits are z, logits z / T (the same tensor at T = 1), lse = logsumexp(z / T).
+    "entropy_grad" in `want`: "entropy" is computed outside no_grad, so it carries the gradient of h (the
+    entropy bonus, entropy.py); autograd then keeps this chunk's softmax for the backward."""
     raw = lm_head(h).float()  # [rows, V] in fp32
     logits = raw if temperature == 1.0 else raw / temperature
     if not field_fns:
@@ -29,12 +31,14 @@ def _chunk_stats(h, lm_head, targets, temperature, want: set, field_fns: dict | 
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     out = {"logp": target_logit - lse}
+    if "entropy_grad" in want:  # the same formula as below, differentiable: ∂H/∂z_v = −p_v (log p_v + H) / T
+        out["entropy"] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     with torch.no_grad():
         for name, fn in (field_fns or {}).items():
             out[name] = fn(raw.detach(), logits.detach(), lse.detach(), targets)
         if field_fns:
             del raw
-        if "entropy" in want:  # H = logsumexp(z) − Σ softmax(z) z
+        if "entropy" in want and "entropy" not in out:  # H = logsumexp(z) − Σ softmax(z) z
             out["entropy"] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return out
 
@@ -43,11 +47,12 @@ def token_fields(model, batch: dict, temperature: float, want: set, with_grad: b
                  chunk_rows: int = 4096, field_fns: dict | None = None) -> dict:
     """Per-token fields [S, T] for the response tokens of `batch` (and prompt log-probs if wanted).
 
-    `want` ⊆ {"entropy", "prompt_logp"}; "logp" is always returned (with grad when `with_grad`), and each
-    of `field_fns` (a method's `token_field_fns()`) by its name. The decoder runs once; the LM head +
-    log-softmax run on chunks of `chunk_rows` valid token rows so that only [chunk_rows, V] logits exist
-    at a time. With grad, each chunk is checkpointed (its logits are recomputed in backward instead of
-    being stored).
+    `want` ⊆ {"entropy", "entropy_grad", "prompt_logp"}; "logp" is always returned (with grad when
+    `with_grad`), and each of `field_fns` (a method's `token_field_fns()`) by its name. "entropy" is
+    detached, except under "entropy_grad" with `with_grad`: then it is the entropy of π_θ with its
+    gradient (entropy.py's bonus). The decoder runs once; the LM head + log-softmax run on chunks of
+    `chunk_rows` valid token rows so that only [chunk_rows, V] logits exist at a time. With grad, each
+    chunk is checkpointed (its logits are recomputed in backward instead of being stored).
     """
     input_ids, attn = batch["input_ids"], batch["attention_mask"]
     P = batch["prompt_len"]
@@ -65,9 +70,10 @@ def token_fields(model, batch: dict, temperature: float, want: set, with_grad: b
         targets = input_ids[:, P:][mask]
         rows = _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, with_grad, field_fns)
         out = {}
+        grad_names = {"logp", "entropy"} if "entropy_grad" in want else {"logp"}
         for name, values in rows.items():
             full = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-            out[name] = full.masked_scatter(mask, values) if name == "logp" and with_grad else \
+            out[name] = full.masked_scatter(mask, values) if name in grad_names and with_grad else \
                 full.masked_scatter(mask, values.detach())
         if "prompt_logp" in want:  # ARM's prompt confidence: token j of the prompt scored at j-1
             real = batch["prompt_mask"].bool()
@@ -84,17 +90,27 @@ def token_fields(model, batch: dict, temperature: float, want: set, with_grad: b
 
 def _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, with_grad, field_fns=None):
     parts: dict[str, list] = {}
-    extras = bool(want & {"entropy"} or field_fns)
+    grad_entropy = with_grad and "entropy_grad" in want  # the entropy bonus: H of π_θ with its gradient
+    # the detached extras, from a second no-grad pass over a checkpointed chunk
+    detached = (want - {"entropy", "entropy_grad"}) if grad_entropy else want
+    extras = bool(detached & {"entropy"} or field_fns)
     for s in range(0, h.shape[0], chunk_rows):
         hs, ts = h[s:s + chunk_rows], targets[s:s + chunk_rows]
         if with_grad and h.shape[0] > chunk_rows:
             # recompute this chunk's logits in backward: memory O(chunk · V) instead of O(N · V)
-            logp = torch.utils.checkpoint.checkpoint(
-                lambda a, b: _chunk_stats(a, lm_head, b, temperature, set())["logp"], hs, ts, use_reentrant=False)
-            stats = {"logp": logp}
+            if grad_entropy:  # logp and H from the same checkpointed function (one recomputation)
+                logp, entropy = torch.utils.checkpoint.checkpoint(
+                    lambda a, b: tuple(_chunk_stats(a, lm_head, b, temperature, {"entropy_grad"})[k]
+                                       for k in ("logp", "entropy")), hs, ts, use_reentrant=False)
+                stats = {"logp": logp, "entropy": entropy}
+            else:
+                logp = torch.utils.checkpoint.checkpoint(
+                    lambda a, b: _chunk_stats(a, lm_head, b, temperature, set())["logp"], hs, ts,
+                    use_reentrant=False)
+                stats = {"logp": logp}
             if extras:
                 with torch.no_grad():
-                    extra = _chunk_stats(hs.detach(), lm_head, ts, temperature, want, field_fns)
+                    extra = _chunk_stats(hs.detach(), lm_head, ts, temperature, detached, field_fns)
                 stats.update({k: v for k, v in extra.items() if k != "logp"})
         else:
             stats = _chunk_stats(hs, lm_head, ts, temperature, want, field_fns)
@@ -103,7 +119,10 @@ def _rows_in_chunks(h, lm_head, targets, temperature, want, chunk_rows, with_gra
     if not parts:  # no valid rows
         z = h.new_zeros((0,), dtype=torch.float32)
         names = (want & {"entropy"}) | set(field_fns or {})
-        return {"logp": z + h.sum() * 0 if with_grad else z, **{k: z for k in names}}
+        out = {"logp": z + h.sum() * 0 if with_grad else z, **{k: z for k in names}}
+        if "entropy_grad" in want:
+            out["entropy"] = z + h.sum() * 0 if with_grad else z
+        return out
     return {k: torch.cat(v) for k, v in parts.items()}
 
 

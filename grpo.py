@@ -244,10 +244,12 @@ PRESETS = {
 # What the loop can compute for a method besides the log-probs; it computes only what `needs()` returns.
 #   ref_logp        detached log-probs of the sampled tokens under the frozen reference model π_ref
 #   entropy         detached full-vocabulary entropy of π_old per response token (chunked, fp32)
+#   entropy_grad    the training forward's entropy of π_θ *with* its gradient, as mb["cur_entropy"]
+#                   (the entropy bonus, entropy.py; chunked, checkpointed like the log-probs)
 #   prompt_logp     detached log-probs of the prompt tokens, with "prompt_logp_mask" (ARM's c_q)
 # A method's own per-token quantities (Lp-Reg's min-p proxy) are functions it supplies in
 # `token_field_fns()`, which the forward applies to each chunk of logits.
-KNOWN_NEEDS = frozenset({"ref_logp", "entropy", "prompt_logp"})
+KNOWN_NEEDS = frozenset({"ref_logp", "entropy", "entropy_grad", "prompt_logp"})
 
 
 class Method:
@@ -273,6 +275,14 @@ class Method:
     name = "grpo"
     config_cls = GRPOConfig
     needs_batch_fields = False  # True: prepare_update needs per-token fields of the whole batch
+    # The hyperparameter values that switch the paper's mechanism off and leave only its base objective:
+    # the *same-base control* of a study (study.py's "method:control"). tests/test_controls.py checks that
+    # the control's update equals the base Method's exactly, so "method vs control" isolates the mechanism.
+    control_overrides: dict = {}
+    # The strengths used on the embedded toy model (--model toy) instead of the paper's, unless
+    # --paper-defaults: the smallest that gave a measured, significant effect in docs/studies/toy (README
+    # "Results on the toy"), or {} where none did. The paper's values stay the defaults for real models.
+    toy_overrides: dict = {}
 
     def __init__(self, config: GRPOConfig | None = None):
         self.cfg = config or self.config_cls()
