@@ -20,6 +20,9 @@ VLLM_STAMP := $(VENV)/.vllm-$(VLLM)
 # the embedded default: DSDR on the toy task (override: make train METHOD=grpo TRAIN_ARGS="--steps 50")
 METHOD ?= dsdr
 TRAIN_ARGS ?=
+# after the run, its same-base control (the mechanism off, same seed and budget) and both side by side, on
+# all 200 held-out prompts x 64 samples (CONTROL= to skip it)
+CONTROL ?= --with-control --eval-prompts 200 --eval-samples 64 --no-eval-diversity
 # train.py refuses to start a run in a folder that holds an earlier one: `make train` is a demo, so it
 # starts over (--overwrite); `make train RUN=--resume` continues the last one instead
 RUN ?= --overwrite
@@ -51,7 +54,7 @@ $(STAMP): pyproject.toml
 
 # The embedded default: the toy Countdown task with a tiny model warm-started locally on first use.
 train: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py --method $(METHOD) $(RUN) $(TRAIN_ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py --method $(METHOD) $(RUN) $(CONTROL) $(TRAIN_ARGS)
 
 $(VLLM_STAMP): $(STAMP)
 	@if [ "$(VLLM)" = "1" ]; then \

@@ -209,6 +209,7 @@ class ARM(GRPO):
 
     name = "arm"
     config_cls = ARMConfig
+    control_overrides = {"alpha": 0.0}  # ARM-3 shifts by α(c_q − c_o): α = 0 leaves the GRPO advantage
 
     def needs(self) -> set[str]:
         needs = super().needs() | {"prompt_logp"}  # c_q from the training forward's prompt positions (A6)
@@ -226,6 +227,10 @@ class ARM(GRPO):
         adv = super().advantages(batch, rewards)
         active = arm_active(batch["correct"], batch["group_size"], self.cfg.on_incorrect, self.cfg.on_all_correct)
         batch.setdefault("per_seq", {})["arm_active"] = active.to(torch.float32)
+        # where the shift goes (logged in update_advantages): all-correct groups vs mixed groups
+        G = batch["group_size"]
+        all_correct = batch["correct"].reshape(-1, G).bool().all(dim=1).repeat_interleave(G)
+        batch["per_seq"]["arm_all_correct"] = all_correct.to(torch.float32)
         # share of the rollout batch's responses that ARM shifts (this rank's (sum, count); global mean)
         batch.setdefault("method_metrics", {})["arm/active_frac"] = (float(active.sum()), float(active.numel()))
         return adv
@@ -254,6 +259,11 @@ class ARM(GRPO):
         stats["arm/c_q"] = float((c_q * counted).sum()) / n_seqs  # prompt confidence (ARM-2)
         stats["arm/shift"] = float((delta * counted).sum()) / n_seqs  # mean Ã − A (0 where inactive)
         stats["arm/shift_abs"] = float((delta.abs() * counted).sum()) / n_seqs  # mean |Ã − A| < α
+        # the same sum split by group type (the two add up to shift_abs): how much of ARM's signal lands on
+        # all-correct groups, where GRPO has none, versus on mixed groups, where it re-weights GRPO's
+        in_all_correct = mb["arm_all_correct"].to(delta.dtype) * counted
+        stats["arm/shift_abs_all_correct"] = float((delta.abs() * in_all_correct).sum()) / n_seqs
+        stats["arm/shift_abs_mixed"] = float((delta.abs() * (counted - in_all_correct)).sum()) / n_seqs
         return shifted
 
 

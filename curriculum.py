@@ -564,6 +564,8 @@ class SENT(Method):
 
     name = "sent"
     config_cls = SENTConfig
+    # no token-side KL (§3–4) and the seeded shuffle instead of the SE curriculum (§2); stage_restart is off by default
+    control_overrides = {"beta_high": 0.0, "beta_low": 0.0, "se_curriculum": False, "stage_restart": False}
 
     def __init__(self, config: SENTConfig | None = None):
         super().__init__(config)

@@ -391,6 +391,7 @@ class DSDR(Method):
 
     name = "dsdr"
     config_cls = DSDRConfig
+    control_overrides = {"lambda_d": 0.0, "lambda_l": 0.0}  # no diversity bonus (Eq. 10), no local term (Eq. 16)
 
     @property
     def local_on(self) -> bool:

@@ -306,6 +306,8 @@ class LpReg(Method):
 
     name = "lpreg"
     config_cls = LpRegConfig
+    # β = 0: no pull toward the proxy; on the selected (A < 0) tokens −Aρ is what the [0, 10] clip gives anyway
+    control_overrides = {"beta": 0.0}
 
     def __init__(self, config: LpRegConfig | None = None):
         super().__init__(config)
@@ -344,6 +346,16 @@ class LpReg(Method):
         selected = self._select(current[index], batch["advantages"][index], mask, fields["minp_proxy_logp"][index],
                                 dist)
         fields["lp_selected"][index] = selected.float()
+        # How much the min-p filter removes (the regime Lp-Reg needs: a proxy that differs from π). For a kept
+        # sampled token log π_proxy = log π − log Z, so Z = exp(old_logp − proxy) at that position, with no
+        # extra pass over the vocabulary; the rare positions whose sampled token was filtered are left out.
+        proxy, old = fields["minp_proxy_logp"][index], fields["old_logp"][index]
+        kept = mask.bool() & (proxy > FILTERED_LOGP)
+        z = torch.exp(old - proxy)[kept].clamp(max=1.0)
+        metrics = batch.setdefault("method_metrics", {})
+        metrics["lp/removed_mass"] = (float((1.0 - z).sum()), float(z.numel()))  # mean 1 − Z over positions
+        for bound in (0.99, 0.9):
+            metrics[f"lp/frac_Z_below_{bound}"] = (float((z < bound).sum()), float(z.numel()))
 
     def token_loss(self, mb, advantages, mask, stats: dict):
         c = self.cfg

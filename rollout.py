@@ -80,13 +80,14 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         out: list[list[int]] = []
-        starts = list(range(0, len(prompt_ids), cfg.gen_batch_prompts))
+        per_call = max(1, min(cfg.gen_batch_prompts, cfg.gen_batch_rows // max(n, 1)))  # prompts per generate()
+        starts = list(range(0, len(prompt_ids), per_call))
         synced = self.dist is not None and self.dist.fsdp
         # FSDP2: every generate step is a collective. synced_gpus keeps ranks stepping until all are done;
         # a rank with fewer chunks generates from a one-token dummy prompt (discarded) to match the calls.
         starts += [None] * (pad_forwards(self.dist, len(starts)) if synced else 0)
         for start in starts:
-            chunk = prompt_ids[start:start + cfg.gen_batch_prompts] if start is not None else [[tok.pad_token_id]]
+            chunk = prompt_ids[start:start + per_call] if start is not None else [[tok.pad_token_id]]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
             attn = torch.zeros_like(ids)

@@ -2,6 +2,8 @@
 
     python study.py compare runs/grpo-s0 runs/grpo-s1 runs/dapo-s0       # compare.md + compare.png
     python study.py study --methods grpo,dapo --seeds 3 --steps 150      # train all, then compare
+    python study.py study --methods 'arm:alpha=0.3|1|3' --seeds 3        # a sweep + its same-base control
+    python study.py report docs/studies/toy/study.json                   # effects, dose-response, frontier
 
 `compare` pools the seeds of one setting (mean ± std) into one Markdown table of the final held-out
 evaluations and one figure of the training and held-out curves. `study` trains every method × seed on the
@@ -17,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import torch
 
 import train
 from config import ConfigError, OneLineParser
-from eval import flat_metrics, k_values
+from eval import bootstrap_difference, bootstrap_mean, flat_metrics, k_values, per_prompt_values
 from runfolder import latest_checkpoint, read_metrics
 
 
@@ -190,9 +193,16 @@ def compare_main(argv) -> int:
 
 def parse_variant(spec: str) -> tuple[str, list[tuple[str, str | None]]]:
     """A study entry "method[:flag[=value]]...": "dsdr:no_coupling" is dsdr with --no-coupling,
-    "dsdr:tau=0" is dsdr with --tau 0 (the paper's ablation rows as study entries)."""
+    "dsdr:tau=0" is dsdr with --tau 0 (the paper's ablation rows as study entries), and "dsdr:control"
+    is dsdr with its mechanism switched off (the method's `control_overrides`: its same-base control)."""
     name, *flags = spec.split(":")
-    return name, [(f.split("=", 1)[0], f.split("=", 1)[1] if "=" in f else None) for f in flags if f]
+    pairs = []
+    for f in (f for f in flags if f):
+        if f == "control":
+            pairs += [(k, str(v)) for k, v in train.method_class(name).control_overrides.items()]
+        else:
+            pairs.append((f.split("=", 1)[0], f.split("=", 1)[1] if "=" in f else None))
+    return name, pairs
 
 
 def variant_args(flags: list[tuple[str, str | None]]) -> list[str]:
@@ -207,17 +217,111 @@ def variant_args(flags: list[tuple[str, str | None]]) -> list[str]:
     return args
 
 
+# ====================================================================================================
+# Sweeps and same-base controls
+# ====================================================================================================
+# A finding counts only against a control that differs from the method in its mechanism alone. Every paper
+# here changes its base objective too (DSDR and ARM train with DAPO's token-mean and ε_high = 0.28, Lp-Reg
+# with a [0, 10] clip), so "method vs grpo" would mix the mechanism with the base. The control of an entry
+# is therefore the base `Method` ("grpo") with exactly the entry's base-objective settings (the GRPOConfig
+# fields): "dsdr" → "grpo:eps_high=0.28:agg=token-mean". It trains the same as "dsdr:control" (DSDR with
+# λ_d = λ_ℓ = 0, the class's `control_overrides`) — tests/test_controls.py checks the two runs end with
+# bit-identical weights for every method — so methods that share a base share one control run per seed.
+def expand_entry(spec: str) -> list[tuple[str, dict | None]]:
+    """A sweep entry → (entry, sweep info) per point: "dsdr:lambda_d=0:lambda_l=0.001|0.01|0.1" is three
+    entries, one per λ_ℓ. Several "|" lists in one entry must have the same length and are zipped, not
+    crossed ("sent:beta_high=0.2|1:beta_low=0.05|0.25" is two entries that scale both β together); write
+    two entries for a grid. The sweep info names the line a dose-response figure draws: its knob (the first
+    listed key) and this point's value."""
+    name, *flags = spec.split(":")
+    lists = {i: f.split("=", 1)[1].split("|") for i, f in enumerate(flags) if "=" in f and "|" in f}
+    if not lists:
+        return [(spec, None)]
+    lengths = {len(v) for v in lists.values()}
+    if len(lengths) > 1:
+        raise ConfigError(f"study entry {spec!r}: the '|' lists have different lengths {sorted(lengths)}; "
+                          f"lists in one entry are zipped, so give them equal lengths (or write two entries)")
+    first = min(lists)
+    knob = flags[first].split("=", 1)[0]
+    points = []
+    for j in range(lengths.pop()):
+        parts = [f if i not in lists else f"{f.split('=', 1)[0]}={lists[i][j]}" for i, f in enumerate(flags)]
+        try:
+            value = float(lists[first][j])
+        except ValueError:
+            raise ConfigError(f"study entry {spec!r}: a swept value must be a number, got {lists[first][j]!r}")
+        points.append((":".join([name, *parts]), {"line": spec, "method": name, "knob": knob, "value": value}))
+    return points
+
+
+def entry_config(entry: str):
+    """The method config an entry trains with (its defaults, then the entry's flags)."""
+    name, flags = parse_variant(entry)
+    try:
+        return train.build_method(name, train.parse_args(["--method", name, *variant_args(flags)])[1]).cfg
+    except (ConfigError, SystemExit) as e:
+        raise ConfigError(f"study entry {entry!r}: {e}")
+
+
+def _flag(key: str, value) -> str:
+    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
+def control_entry(entry: str) -> str | None:
+    """The same-base control of an entry: "grpo" with the entry's base-objective settings (the GRPOConfig
+    fields that differ from the grpo preset), or None when the entry is the base objective itself."""
+    name, _ = parse_variant(entry)
+    base = train.same_base_control(train.method_class(name)(entry_config(entry)))
+    return None if base is None else ":".join(["grpo", *(_flag(k, v) for k, v in base.items())])
+
+
+def plan_entries(specs: list[str]) -> tuple[list[str], dict]:
+    """The study's entries (sweeps expanded, controls added after the entries that need them, each once)
+    and per entry its info: {"control": entry or None, "sweep": sweep info or None}."""
+    entries, info = [], {}
+    for spec in specs:
+        for entry, sweep in expand_entry(spec):
+            if entry in info:
+                continue
+            control = control_entry(entry)
+            entries.append(entry)
+            info[entry] = {"control": control, "sweep": sweep}
+    for entry in list(entries):
+        control = info[entry]["control"]
+        if control is not None and control not in info:
+            entries.append(control)
+            info[control] = {"control": None, "sweep": None}
+    return entries, info
+
+
+def run_dir_name(entry: str, seed: int) -> str:
+    return f"{entry.replace(':', '-').replace('=', '')}-s{seed}"
+
+
+def _same_evaluation(path: Path, cfg) -> bool:
+    """Whether the study's shared step-0 evaluation used this run's held-out prompts and samples."""
+    if not path.exists():
+        return False
+    start = json.loads(path.read_text())
+    return (start["n_problems"] == cfg.eval_prompts and start["sampling"]["n"] == cfg.eval_samples
+            and start["sampling"]["temperature"] == cfg.temperature and start["sampling"]["top_p"] == cfg.top_p)
+
+
 def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_every: int, train_args: list[str],
           progress: bool = True) -> str:
-    """Train every method × seed on the toy default with the same budget (steps, prompts per step, group
+    """Train every entry × seed on the toy default with the same budget (steps, prompts per step, group
     size) and, per seed, the same prompt order; evaluate the held-out prompts at every checkpoint; then
-    write study.md and study.png (via compare_runs).
+    write study.md and study.png (via compare_runs), and with sweeps or controls the statistics
+    (study.json, effects.md, dose-response and frontier figures; see `report`).
 
-    The policy is evaluated in the training loop each time a checkpoint is saved (`--eval-every` =
-    `--save-every`): the same weights a later pass would load, without reloading them. Resumable: a run
-    that reached `steps` and has summary.json is finished and skipped; any other run continues from its latest checkpoint
-    (train.py's bit-exact --resume). DAPO's dynamic sampling draws extra batches, so its prompt order
-    drifts from GRPO's after the first step that drops a group.
+    Entries are expanded by `plan_entries`: "|" lists become one entry per value and each entry's
+    same-base control is added (once). The policy is evaluated in the training loop each time a checkpoint
+    is saved (`--eval-every` = `--save-every`): the same weights a later pass would load, without
+    reloading them. Resumable: a run that reached `steps` and has summary.json is finished and skipped; any
+    other run continues from its latest checkpoint (train.py's bit-exact --resume). Several `study`
+    processes may share one --out with disjoint entries (e.g. one per core, OMP_NUM_THREADS=1): each
+    trains only what is unfinished and not locked by another. DAPO's dynamic sampling draws extra batches,
+    so its prompt order drifts from GRPO's after the first step that drops a group.
     """
     import transformers
     from tqdm.auto import tqdm
@@ -225,16 +329,12 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
     transformers.utils.logging.disable_progress_bar()  # one bar: the study's (not one per checkpoint save)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = [(m, s) for s in seeds for m in methods]
-    method_configs = {}
-    for m in methods:  # unknown / unimplemented methods and bad variants fail here, before any training
-        name, flags = parse_variant(m)
-        try:
-            method = train.build_method(name, train.parse_args(["--method", name, *variant_args(flags)])[1])
-        except (ConfigError, SystemExit) as e:
-            raise SystemExit(f"error: study entry {m!r}: {e}")
-        method_configs[m] = dataclasses.asdict(method.cfg)
-    run_dirs = [out / f"{m.replace(':', '-').replace('=', '')}-s{s}" for m, s in plan]
+    entries, info = plan_entries(methods)  # bad entries fail here, before any training
+    method_configs = {m: dataclasses.asdict(entry_config(m)) for m in entries}
+    plan = [(m, s) for s in seeds for m in entries]
+    run_dirs = [out / run_dir_name(m, s) for m, s in plan]
+    shared_start = out / "eval_start.json"  # the starting policy's held-out evaluation (see below)
+
     def done(run_dir: Path) -> bool:  # finished: evaluated at the end of a run of exactly `steps` steps
         rows = read_metrics(run_dir)
         return (run_dir / "summary.json").exists() and bool(rows) and rows[-1]["step"] == steps
@@ -253,19 +353,30 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
             bar.update(steps)
             continue
         name, flags = parse_variant(method)
-        variant = variant_args(flags)
-        argv = ["--method", name, *variant, "--seed", str(seed), "--steps", str(steps), "--out", str(run_dir),
-                "--eval-every", str(eval_every), "--save-every", str(eval_every), "--no-progress", *train_args]
+        # --paper-defaults: an entry is the paper's values plus its own flags, on the toy too (not the toy
+        # strengths of `make train`), so that a study's command names every value it trains with
+        argv = ["--method", name, *variant_args(flags), "--seed", str(seed), "--steps", str(steps), "--out",
+                str(run_dir), "--eval-every", str(eval_every), "--save-every", str(eval_every), "--no-progress",
+                "--paper-defaults", *train_args]
         resume = latest_checkpoint(run_dir) is not None if run_dir.exists() else False
         if resume:
             argv.append("--resume")
         elif run_dir.exists():  # interrupted before its first checkpoint: nothing to keep, start it again
             argv.append("--overwrite")
+        # Every run starts from the same policy and evaluates it on the same prompts with the same sampling
+        # seed, so the step-0 evaluation is computed once per study and copied into each run folder.
         try:
             cfg, overrides = train.parse_args(argv)
+            share_start = not resume and _same_evaluation(shared_start, cfg)
+            cfg.eval_at_start = cfg.eval_at_start and not share_start
             trainer = train.Trainer(cfg, overrides)
         except ConfigError as e:
+            if "in use by another training" in str(e):  # another study process is training it now
+                bar.update(steps)
+                continue
             raise SystemExit(f"error: {method} seed {seed}: {e}")
+        if share_start:
+            shutil.copyfile(shared_start, run_dir / "eval_start.json")
         bar.update(trainer.start_step)
         bar.set_description(f"study {method} seed {seed}")
 
@@ -276,10 +387,243 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
         trainer.fit(on_step=on_step)
         if trainer.dist.enabled:
             torch.distributed.destroy_process_group()
+        if not shared_start.exists() and (run_dir / "eval_start.json").exists():
+            shutil.copyfile(run_dir / "eval_start.json", shared_start)
     bar.close()
+    finished = [d for d in run_dirs if done(d)]
+    if len(finished) < len(run_dirs):  # another process still trains the rest: it writes the report
+        return f"{len(finished)} of {len(run_dirs)} runs finished; the last process to finish writes the report"
     table = compare_runs(run_dirs, out)
     os.replace(out / "compare.md", out / "study.md")
     os.replace(out / "compare.png", out / "study.png")
+    if any(i["control"] for i in info.values()):
+        cache = collect(out, entries, info, seeds, steps, train_args)
+        (out / "study.json").write_text(json.dumps(cache, separators=(",", ":")))
+        table += "\n" + report(cache, out)
+    return table
+
+
+# ====================================================================================================
+# Statistics of a study: effects against the same-base control, dose-response, accuracy–diversity frontier
+# ====================================================================================================
+# `collect` keeps, per entry × seed × checkpoint, the held-out evaluation's per-prompt record (train.py
+# writes run/evals/step_N.json at every --eval-every; eval_start.json is step 0), small enough to commit
+# (docs/studies/*.json). `report` needs only that file: every number and figure can be redrawn without
+# the runs. Intervals are percentile bootstraps over prompts (paired: all entries see the same held-out
+# prompts) and over seeds (independent runs), eval.bootstrap_difference / bootstrap_mean.
+METRICS = (("pass@1", "pass@1"), ("pass@kmax", "pass@{kmax}"), ("distinct_correct", "distinct correct / prompt"),
+           ("effective_solutions", "effective solutions / prompt"), ("token_entropy", "token entropy (nats)"))
+PER_PROMPT_KEYS = ("c", "distinct_correct", "effective_solutions", "entropy_sum", "entropy_tokens")
+
+
+def _compact(per_prompt: dict) -> dict:
+    out = {"n": per_prompt["n"]}
+    for key in PER_PROMPT_KEYS:
+        if key in per_prompt:
+            out[key] = [round(float(v), 5) for v in per_prompt[key]]
+    return out
+
+
+def collect(out: Path, entries: list[str], info: dict, seeds: list[int], steps: int, train_args: list[str]) -> dict:
+    """The study's per-prompt records: {"meta", "entries": {entry: info}, "records": {entry: {seed: {step:
+    per-prompt}}}} (steps as strings: JSON keys)."""
+    records, ids, n = {}, None, None
+    for entry in entries:
+        for seed in seeds:
+            run_dir = Path(out) / run_dir_name(entry, seed)
+            evals = {0: run_dir / "eval_start.json"}
+            evals.update({int(p.stem.split("_")[1]): p for p in sorted((run_dir / "evals").glob("step_*.json"))})
+            for step, path in evals.items():
+                if not path.exists():
+                    continue
+                result = json.loads(path.read_text())
+                if "per_prompt" not in result:
+                    raise SystemExit(f"error: {path} has no per-prompt record (written by an older train.py); "
+                                     f"rerun that run")
+                ids = ids or result["per_prompt"]["id"]
+                n = result["per_prompt"]["n"]
+                records.setdefault(entry, {}).setdefault(str(seed), {})[str(step)] = _compact(result["per_prompt"])
+    meta = {"steps": steps, "seeds": list(seeds), "train_args": list(train_args), "prompt_ids": ids, "n_samples": n,
+            "command": "python study.py study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None}
+    return {"meta": meta, "entries": {e: info[e] for e in entries}, "records": records}
+
+
+def metric_matrix(cache: dict, entry: str, step: int, metric: str) -> np.ndarray:
+    """[seeds, prompts] of one per-prompt metric of an entry at a checkpoint (seeds that reached it)."""
+    kmax = cache["meta"]["n_samples"]
+    name, k = (("pass@k", kmax) if metric == "pass@kmax" else ("pass@k", int(metric[5:])) if metric.startswith("pass@")
+               else (metric, None))
+    rows = [per_prompt_values({"per_prompt": by_step[str(step)]}, name, k)
+            for _, by_step in sorted(cache["records"][entry].items()) if str(step) in by_step]
+    return np.array(rows, dtype=float)
+
+
+def final_step(cache: dict, entry: str) -> int:
+    return max(int(s) for by_step in cache["records"][entry].values() for s in by_step)
+
+
+def effects(cache: dict, n_boot: int = 2000) -> list[dict]:
+    """Per entry with a control, at the last checkpoint: per metric the entry's mean, the control's, and the
+    difference with its 95 % bootstrap interval (significant when the interval excludes 0)."""
+    rows = []
+    for entry, info in cache["entries"].items():
+        control = info["control"]
+        if control is None or control not in cache["records"] or entry not in cache["records"]:
+            continue
+        step = min(final_step(cache, entry), final_step(cache, control))
+        row = {"entry": entry, "control": control, "step": step, "sweep": info["sweep"]}
+        for metric, _ in METRICS:
+            t, c = metric_matrix(cache, entry, step, metric), metric_matrix(cache, control, step, metric)
+            d = bootstrap_difference(t, c, n_boot=n_boot)
+            row[metric] = {"entry": float(np.nanmean(t)), "control": float(np.nanmean(c)), "diff": d["diff"],
+                           "lo": d["lo"], "hi": d["hi"], "significant": bool(d["lo"] > 0 or d["hi"] < 0),
+                           "seeds": [int(d["n_seeds_t"]), int(d["n_seeds_c"])]}
+        rows.append(row)
+    return rows
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
+
+
+def effects_table(rows: list[dict], kmax: int) -> str:
+    titles = [t.format(kmax=kmax) for _, t in METRICS]
+    lines = ["| entry | control | step | seeds | " + " | ".join(f"Δ {t}" for t in titles) + " |",
+             "|---" * (len(titles) + 4) + "|"]
+    for row in rows:
+        cells = []
+        for metric, _ in METRICS:
+            m = row[metric]
+            cell = f"{_signed(m['diff'])} [{_signed(m['lo'])}, {_signed(m['hi'])}]"
+            cells.append(f"**{cell}**" if m["significant"] else cell)
+        seeds = row[METRICS[0][0]]["seeds"]
+        lines.append(f"| {row['entry']} | {row['control']} | {row['step']} | {seeds[0]} vs {seeds[1]} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\nΔ = entry − its same-base control at the last checkpoint; [95 % bootstrap interval "
+                               "over prompts and seeds]; **bold**: the interval excludes 0.\n")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mean_interval(cache: dict, entry: str, step: int, metric: str, n_boot: int = 1000) -> tuple[float, float, float]:
+    m = bootstrap_mean(metric_matrix(cache, entry, step, metric), n_boot=n_boot)
+    return m["mean"], m["lo"], m["hi"]
+
+
+def plot_dose_response(cache: dict, method: str, path: Path) -> None:
+    """One figure per method: every metric against the strength of each of its swept knobs at the last
+    checkpoint, mean over seeds with its 95 % bootstrap band; the same-base control drawn at strength 0
+    (symlog x axis, linear below the smallest strength swept)."""
+    plt = _plt()
+    kmax = cache["meta"]["n_samples"]
+    lines: dict[str, list] = {}
+    for entry, info in cache["entries"].items():
+        if info["sweep"] and info["sweep"]["method"] == method and entry in cache["records"]:
+            lines.setdefault(info["sweep"]["line"], []).append((info["sweep"]["value"], entry, info["control"]))
+    fig, grid = plt.subplots(2, 3, figsize=(7, 4.6))
+    axes, legend_ax = grid.flat[:len(METRICS)], grid.flat[-1]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    smallest = min((v for pts in lines.values() for v, _, _ in pts if v > 0), default=1.0)
+    for li, (line, points) in enumerate(sorted(lines.items())):
+        points.sort()
+        control = points[0][2]
+        knob = cache["entries"][points[0][1]]["sweep"]["knob"]
+        fixed = ":".join(f for f in line.split(":")[1:] if "|" not in f)
+        label = f"{knob}" + (f" ({fixed})" if fixed else "")
+        for ax, (metric, title) in zip(axes, METRICS):
+            xs, stats = [0.0], [mean_interval(cache, control, final_step(cache, control), metric)]
+            for value, entry, _ in points:
+                xs.append(value)
+                stats.append(mean_interval(cache, entry, final_step(cache, entry), metric))
+            mean, lo, hi = (np.array(v) for v in zip(*stats))
+            color = colors[li % len(colors)]
+            ax.plot(xs, mean, marker="o", ms=3, color=color, label=label)
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.18, lw=0)
+            ax.set_xscale("symlog", linthresh=smallest)
+            ax.set_title(title.format(kmax=kmax), fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    for ax in axes:
+        ax.set_xlabel("strength (0 = same-base control)", fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_ax.axis("off")  # the sixth panel holds the legend, outside the data
+    legend_ax.legend(handles, labels, loc="center", fontsize=7, frameon=False, title="knob swept", title_fontsize=7)
+    fig.suptitle(f"{method}: dose-response at step {cache['meta']['steps']} (mean over seeds, 95 % bootstrap band)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_frontier(cache: dict, path: Path) -> None:
+    """Accuracy against diversity, one point per checkpoint per entry (mean over seeds): pass@1 against
+    pass@kmax and against the effective number of solutions. Each control's points over training are
+    joined and labelled by step — "stop GRPO early" is a point on that line — and every other entry is
+    drawn at its checkpoints in its method's colour, last checkpoint larger. An entry buys diversity
+    at a better price than early stopping when it lies above its control's line."""
+    plt = _plt()
+    kmax = cache["meta"]["n_samples"]
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
+    methods = sorted({parse_variant(e)[0] for e, i in cache["entries"].items() if i["control"]})
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"][1:]))
+    controls = sorted({i["control"] for i in cache["entries"].values() if i["control"]})
+    for ax, y_metric in zip(axes, ("pass@kmax", "effective_solutions")):
+        for entry in cache["entries"]:
+            if entry not in cache["records"]:
+                continue
+            steps = sorted({int(s) for by_step in cache["records"][entry].values() for s in by_step})
+            pts = np.array([[np.nanmean(metric_matrix(cache, entry, st, "pass@1")),
+                             np.nanmean(metric_matrix(cache, entry, st, y_metric))] for st in steps])
+            if entry in controls:
+                style = "-" if controls.index(entry) == 0 else "--"
+                ax.plot(pts[:, 0], pts[:, 1], style, color="black", lw=1.2, marker="o", ms=3,
+                        label=f"control {entry}")
+                for st, (x, y) in zip(steps, pts):
+                    ax.annotate(str(st), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            elif cache["entries"][entry]["control"]:
+                color = colors[parse_variant(entry)[0]]
+                ax.plot(pts[:, 0], pts[:, 1], "-", color=color, lw=0.6, alpha=0.5)
+                ax.scatter(pts[-1:, 0], pts[-1:, 1], s=18, color=color, zorder=3)
+        ax.set_xlabel("held-out pass@1", fontsize=8)
+        ax.set_ylabel(dict(METRICS)[y_metric].format(kmax=kmax), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles += [plt.Line2D([], [], color=c, marker="o", ls="", ms=4) for c in colors.values()]
+    labels += list(colors)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle("accuracy–diversity frontier: one point per checkpoint (mean over seeds); numbers = control's step",
+                 fontsize=8)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(cache: dict, out: Path, n_boot: int = 2000) -> str:
+    """From a study.json cache: effects.md (+ effects.csv), dose_<method>.png per swept method and
+    frontier.png in `out`; returns the effects table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = effects(cache, n_boot)
+    table = effects_table(rows, cache["meta"]["n_samples"])
+    (out / "effects.md").write_text(table)
+    with open(out / "effects.csv", "w") as f:
+        f.write("entry,control,step,metric,entry_mean,control_mean,diff,lo,hi,significant\n")
+        for row in rows:
+            for metric, _ in METRICS:
+                m = row[metric]
+                f.write(f"{row['entry']},{row['control']},{row['step']},{metric},{m['entry']:.5f},{m['control']:.5f},"
+                        f"{m['diff']:.5f},{m['lo']:.5f},{m['hi']:.5f},{int(m['significant'])}\n")
+    for method in sorted({i["sweep"]["method"] for i in cache["entries"].values() if i["sweep"]}):
+        plot_dose_response(cache, method, out / f"dose_{method}.png")
+    plot_frontier(cache, out / "frontier.png")
     return table
 
 
@@ -288,7 +632,9 @@ def study_main(argv) -> int:
                            epilog="Arguments after -- go to train.py, e.g. -- --group-size 16")
     parser.add_argument("--methods", default="grpo,dapo",
                         help="comma-separated train.py methods; variants as method:flag or method:key=value, "
-                             "e.g. dsdr:no_global_diversity,dsdr:no_coupling,dsdr:tau=0")
+                             "e.g. dsdr:no_global_diversity,dsdr:no_coupling,dsdr:tau=0; method:control = the "
+                             "mechanism off; a sweep as key=v1|v2|v3 (quote it), e.g. 'arm:alpha=0.3|1|3'. "
+                             "Each entry's same-base control is added and trained too")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--eval-every", type=int, default=25, help="checkpoint + held-out evaluation period")
@@ -305,12 +651,27 @@ def study_main(argv) -> int:
     return 0
 
 
+def report_main(argv) -> int:
+    parser = OneLineParser(prog="study.py report",
+                           description="effects table, dose-response and frontier figures from a study.json")
+    parser.add_argument("cache", help="the study.json a study wrote (or a copy under docs/studies)")
+    parser.add_argument("--out", default=None, help="folder for the outputs (default: the cache's folder)")
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates per interval")
+    args = parser.parse_args(argv)
+    path = Path(args.cache)
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file; pass the study.json that `study.py study` wrote")
+    table = report(json.loads(path.read_text()), Path(args.out) if args.out else path.parent, args.n_boot)
+    print(table)
+    return 0
+
+
 # ====================================================================================================
 # Command line
 # ====================================================================================================
 
 
-COMMANDS = {"compare": compare_main, "study": study_main}
+COMMANDS = {"compare": compare_main, "study": study_main, "report": report_main}
 
 
 def main(argv=None) -> int:
@@ -322,7 +683,7 @@ def main(argv=None) -> int:
     try:
         if not argv or argv[0] not in COMMANDS:
             got = repr(argv[0]) if argv else "none"
-            raise ConfigError(f"study.py needs a command, compare or study (got {got}); see python study.py --help")
+            raise ConfigError(f"study.py needs a command, compare, study or report (got {got}); see python study.py --help")
         return COMMANDS[argv[0]](argv[1:])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ import torch
 
 import eval as evaluation  # (the project's eval.py, named to avoid the builtin)
 from arm import ARM
-from config import (ConfigError, OneLineParser, TrainConfig, add_dataclass_args, coerce_fields, flag_name,
+from config import (TOY, ConfigError, OneLineParser, TrainConfig, add_dataclass_args, coerce_fields, flag_name,
                     resolve_defaults, validate)
 from curriculum import SENT, CurriculumConfig, build_curriculum_sampler
 from data import (PromptSampler, build_rollout_batch, check_prompt_lengths, keep_groups, load_prompts,
@@ -51,13 +52,14 @@ from distributed import (Dist, autocast, clip_and_step, load_optimizer_state, pa
                          reduce_stats, report_config_error, rng_state, set_rng_state, set_seed, shard_model,
                          to_device)
 from dsdr import DSDR
+from entropy import EntropyBonus
 from forward import no_grad_fields, padding_backward, split_micro_batches, token_fields
-from grpo import KNOWN_NEEDS, PRESETS, Method, Normaliser
+from grpo import KNOWN_NEEDS, PRESETS, GRPOConfig, Method, Normaliser
 from lpreg import LpReg
 from rollout import (LogprobGap, enable_gradient_checkpointing, load_policy, make_rollout, resolve_model_path,
                      sample_and_verify)
-from runfolder import (CheckpointError, Logger, check_resume_compatible, close_run_folder, open_run_folder,
-                       plot_run, resume_checkpoint, save_checkpoint, step_was_skipped, warn_line)
+from runfolder import (CheckpointError, Logger, check_resume_compatible, close_run_folder, latest_checkpoint,
+                       open_run_folder, plot_run, resume_checkpoint, save_checkpoint, step_was_skipped, warn_line)
 
 # ====================================================================================================
 # Methods: the one registry. name → (class, base preset): grpo / dapo / dr_grpo are the base `Method`
@@ -71,6 +73,7 @@ METHODS = {
     "lpreg": (LpReg, None),
     "arm": (ARM, None),
     "sent": (SENT, None),
+    "entropy": (EntropyBonus, None),
 }
 
 
@@ -87,17 +90,19 @@ def method_config_defaults(name: str):
     return copy.deepcopy(PRESETS[preset]) if preset else cls.config_cls()
 
 
-def build_method(name: str, overrides: dict | None = None) -> Method:
+def build_method(name: str, overrides: dict | None = None, toy: bool = False) -> Method:
     """The method with its defaults and `overrides` (command-line text or Python values), every value
     checked against its field's declared type here and every range in the config's `__post_init__`, so
-    that a typo fails now with one line naming the flag, not at the first update."""
+    that a typo fails now with one line naming the flag, not at the first update. `toy`: the class's toy
+    strengths (`toy_overrides`) replace the paper's values first; explicit overrides still win."""
     cls = method_class(name)
     cfg = method_config_defaults(name)
     names = {f.name for f in dataclasses.fields(cfg)}
     for key in overrides or {}:
         if key not in names:
             raise ConfigError(f"method {name!r} has no hyperparameter {key!r} (see --method {name} --help)")
-    for key, value in coerce_fields(type(cfg), overrides or {}, prefix=name).items():
+    overrides = {**(cls.toy_overrides if toy else {}), **(overrides or {})}
+    for key, value in coerce_fields(type(cfg), overrides, prefix=name).items():
         setattr(cfg, key, value)
     try:
         cfg.__post_init__()  # re-validate after overrides
@@ -106,6 +111,11 @@ def build_method(name: str, overrides: dict | None = None) -> Method:
         where = f" (flag {flag_name(field, name)})" if field in names else ""
         raise ConfigError(f"method {name!r}: {e}{where}")
     return cls(cfg)
+
+
+def uses_toy_strengths(cfg: TrainConfig) -> bool:
+    """The toy strengths apply on the embedded toy model unless --paper-defaults asks for the papers' values."""
+    return cfg.model == TOY and not cfg.paper_defaults
 
 
 # ====================================================================================================
@@ -117,7 +127,7 @@ class Trainer:
         cfg = resolve_defaults(cfg)
         method_class(cfg.method)  # (the method name first; config.validate checks the rest)
         validate(cfg, self.dist.world)
-        self.cfg, self.method = cfg, build_method(cfg.method, method_overrides)
+        self.cfg, self.method = cfg, build_method(cfg.method, method_overrides, toy=uses_toy_strengths(cfg))
         self.needs = self.method.needs()
         assert self.needs <= KNOWN_NEEDS, f"method declares unknown needs {self.needs - KNOWN_NEEDS}"
         self.run_dir = Path(cfg.out)
@@ -268,6 +278,8 @@ class Trainer:
                 if v is not None:
                     metrics[key] = metrics.get(key, 0.0) + v / cfg.mini_batches
         metrics.update(self.rollout_metrics(batch, rewards), **batch.get("rollout_gap", {}), **info)
+        metrics["adv_share_all_correct"] = self.all_correct_share(batch)
+        metrics["curriculum_stage"] = self.sampler.stage  # SENT's SE curriculum (0 without one)
         metrics.update(reduce_means(batch.get("method_metrics", {}), self.dist))
         metrics.update({"time_generate": batch["time_generate"], "time_score": t_score,
                         "time_update": time.perf_counter() - t0, "time_step": time.perf_counter() - t_start})
@@ -337,7 +349,8 @@ class Trainer:
     def micro_batch_loss(self, mb: dict, batch: dict, norm: Normaliser, gap) -> tuple[torch.Tensor, dict, float]:
         """Forward with grad, the fields the prepass did not give, the method's loss: (loss, stats, Σ entropy)."""
         cfg, have = self.cfg, set(batch.get("fields", {}))
-        want = ({"entropy"} if self.logs_entropy else set()) | ({"prompt_logp"} & self.needs - have)
+        want = ({"entropy"} if self.logs_entropy else set()) | ({"prompt_logp"} & self.needs - have) \
+            | ({"entropy_grad"} & self.needs)  # (the entropy bonus: this forward's H with its gradient)
         fns = {k: f for k, f in self.method.token_field_fns().items() if k not in have}
         with autocast(self.device):
             fields = token_fields(self.model, mb, cfg.temperature, want, with_grad=True,
@@ -356,7 +369,7 @@ class Trainer:
                 mb["ref_logp"] = token_fields(self.ref_model, mb, cfg.temperature, set(), with_grad=False,
                                               chunk_rows=cfg.logit_chunk_rows)["logp"]
         loss, stats = self.method.loss(mb, norm)
-        entropy = float((fields["entropy"] * mb["response_mask"]).sum()) if "entropy" in fields else 0.0
+        entropy = float((fields["entropy"].detach() * mb["response_mask"]).sum()) if "entropy" in fields else 0.0
         return loss, stats, entropy
 
     def rollout_metrics(self, batch: dict, rewards: torch.Tensor) -> dict:
@@ -370,11 +383,24 @@ class Trainer:
         groups = r.reshape(-1, G)
         distinct = [len({k for k in keys[g * G:(g + 1) * G] if k is not None}) for g in range(len(groups))]
         mean = lambda x: float(x.mean()) if len(x) else 0.0  # noqa: E731
+        solved = c.reshape(-1, G).bool()
         return {"reward_mean": mean(r), "reward_std": float(r.std()) if len(r) > 1 else 0.0, "correct_mean": mean(c),
                 "frac_reward_zero_std": mean((groups.std(dim=1) == 0).float()), "response_length": mean(lengths),
+                # groups GRPO cannot learn from (zero advantage): every response right, or every one wrong
+                "frac_all_correct": mean(solved.all(dim=1).float()), "frac_all_wrong": mean((~solved).all(dim=1).float()),
                 "truncated_frac": float(np.mean(truncated)) if rows else 0.0,
                 "distinct_correct": float(np.mean(distinct)) if distinct else 0.0,
                 "unparseable_frac": statuses.count("unparseable") / n, "timeout_frac": statuses.count("timeout") / n}
+
+    def all_correct_share(self, batch: dict) -> float:
+        """Σ|A| over the responses of all-correct groups / Σ|A| over the batch (all ranks): the share of the
+        policy-gradient signal spent on prompts the policy already solves every time. 0 for GRPO (such a
+        group's advantages are 0); DSDR's diversity bonus is what makes it > 0 (ARM shifts inside the loss: it
+        logs its own split, arm/shift_abs_all_correct)."""
+        G, adv = self.cfg.group_size, batch["advantages"].abs().double()
+        all_correct = batch["correct"].reshape(-1, G).bool().all(dim=1).repeat_interleave(G)
+        part, total = self.dist.sum(float(adv[all_correct].sum())), self.dist.sum(float(adv.sum()))
+        return part / total if total > 0 else 0.0
 
     # ---- 3. the run -------------------------------------------------------------------------------
     def fit(self, on_step=None) -> dict:
@@ -398,6 +424,9 @@ class Trainer:
             if cfg.eval_every and done % cfg.eval_every == 0:
                 last_eval = (done, self.evaluate())
                 metrics.update(evaluation.flat_metrics(last_eval[1]))
+                # the whole evaluation, per-prompt record included: study.py bootstraps differences over
+                # prompts and draws the accuracy–diversity frontier from every checkpoint, not only the last
+                self.write_json(f"evals/step_{done:06d}.json", last_eval[1])
             self.logger.log(done, metrics)
             if on_step is not None:
                 on_step(done, metrics)
@@ -425,6 +454,7 @@ class Trainer:
 
     def write_json(self, name: str, value: dict) -> None:
         if self.dist.is_main:
+            (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (self.run_dir / name).write_text(json.dumps(value, indent=2))
 
     def evaluate(self) -> dict:
@@ -443,6 +473,50 @@ class Trainer:
                                               entropy_model=self.model, answer_mode=cfg.answer_mode)
         finally:
             set_rng_state(saved)
+
+
+# ====================================================================================================
+# The same-base control (--with-control; study.py's controls)
+# ====================================================================================================
+def same_base_control(method: Method) -> dict | None:
+    """The settings of `method`'s base objective that differ from the grpo preset: `--method grpo` with them
+    trains exactly like the method with its mechanism switched off (its class's `control_overrides`;
+    tests/test_controls.py checks the weights are bit-identical). None for grpo / dapo / dr_grpo themselves."""
+    if type(method) is Method:
+        return None
+    preset = PRESETS["grpo"]
+    return {f.name: getattr(method.cfg, f.name) for f in dataclasses.fields(GRPOConfig)
+            if getattr(method.cfg, f.name) != getattr(preset, f.name)}
+
+
+def train_control(trainer: Trainer, summary: dict) -> None:
+    """--with-control: train the same-base control of `trainer`'s finished run (same seed, steps, prompts and
+    evaluation) into <out>-control and print both held-out evaluations side by side (vs_control.md)."""
+    control = same_base_control(trainer.method)
+    if control is None or not summary:
+        if trainer.dist.is_main:
+            print(f"--with-control: {trainer.cfg.method} is a base objective (its own control)" if control is None
+                  else "--with-control: no final evaluation to compare (--no-final-eval)")
+        return
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    out = run_dir.with_name(run_dir.name + "-control")
+    resume = cfg.resume and latest_checkpoint(out) is not None
+    start = run_dir / "eval_start.json"  # the same starting policy, prompts and sampling seed: computed once
+    ccfg = dataclasses.replace(cfg, method="grpo", out=str(out), with_control=False, resume=resume,
+                               overwrite=cfg.overwrite and not resume, eval_at_start=cfg.eval_at_start and not start.exists())
+    label = "grpo:" + ":".join(f"{k}={v}" for k, v in control.items())
+    if trainer.dist.is_main:
+        print(f"--with-control: training the same-base control ({label}) into {out}")
+    control_trainer = Trainer(ccfg, control)
+    if start.exists() and control_trainer.dist.is_main and not resume:
+        shutil.copyfile(start, out / "eval_start.json")
+    control_summary = control_trainer.fit()
+    control_trainer.rollout.close()
+    if control_trainer.dist.is_main and control_summary:
+        table = evaluation.comparison_table(summary, control_summary, cfg.method, label)
+        (run_dir / "vs_control.md").write_text(table)
+        print(f"\n{cfg.method} against its same-base control (the mechanism switched off), step {cfg.steps}:\n")
+        print(table)
 
 
 # ====================================================================================================
@@ -482,7 +556,7 @@ def main(argv=None) -> int:
         resolved = resolve_defaults(cfg)
         method_class(resolved.method)
         validate(resolved, int(os.environ.get("WORLD_SIZE", "1")))
-        build_method(cfg.method, overrides)
+        build_method(cfg.method, overrides, toy=uses_toy_strengths(resolved))
         trainer = Trainer(cfg, overrides)
     except ConfigError as e:
         report_config_error(e)
@@ -491,6 +565,12 @@ def main(argv=None) -> int:
     if trainer.dist.is_main and summary:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=None))
     trainer.rollout.close()
+    if cfg.with_control:
+        try:
+            train_control(trainer, summary)
+        except ConfigError as e:
+            report_config_error(e)
+            return 2
     if trainer.dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

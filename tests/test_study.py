@@ -51,7 +51,7 @@ def test_cli_without_a_command_is_one_line_exit_2(capsys):
     for argv in ([], ["nope"]):
         assert study.main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("error: study.py needs a command, compare or study") and "\n" not in err
+        assert err.startswith("error: study.py needs a command, compare, study or report") and "\n" not in err
 
 
 def test_eval_every_logs_held_out_diversity(toy_model_dir, tmp_path):
@@ -92,3 +92,45 @@ def test_reduced_study_writes_table_and_plots_and_is_resumable(toy_model_dir, tm
 def test_study_rejects_unknown_method_before_training(tmp_path):
     with pytest.raises(SystemExit, match="unknown method"):
         study.main(["study", "--methods", "grpo,nope", "--steps", "2", "--out", str(tmp_path / "s")])
+
+
+def test_sweep_study_with_controls_writes_effects_dose_response_and_frontier(toy_model_dir, tmp_path):
+    """The study machinery on a tiny grid (2 strengths × 1 seed × 2 steps): the sweep expands, the same-base
+    control is added and trained once, the step-0 evaluation is computed once and shared, every checkpoint's
+    per-prompt record is kept, and `report` redraws the same table from study.json alone."""
+    out = tmp_path / "sweep"
+    assert study.main(["study", "--methods", "arm:alpha=0.3|3", "--seeds", "1", "--steps", "2", "--eval-every", "1",
+                       "--out", str(out), "--no-progress", "--", "--prompts-per-step", "4", "--group-size", "4",
+                       "--eval-prompts", "6", "--eval-samples", "4", "--no-tensorboard", "--no-eval-diversity"]) == 0
+    runs = ["arm-alpha0.3-s0", "arm-alpha3-s0", "grpo-eps_high0.28-aggtoken-mean-s0"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == runs
+    starts = [(out / r / "eval_start.json").read_text() for r in runs]
+    assert starts[0] == starts[1] == starts[2] == (out / "eval_start.json").read_text()  # computed once, shared
+    cache = json.loads((out / "study.json").read_text())
+    assert cache["entries"]["arm:alpha=3"] == {"control": "grpo:eps_high=0.28:agg=token-mean", "sweep": {
+        "line": "arm:alpha=0.3|3", "method": "arm", "knob": "alpha", "value": 3.0}}
+    assert sorted(cache["records"]["arm:alpha=3"]["0"]) == ["0", "1", "2"]  # step 0 and both checkpoints
+    assert len(cache["records"]["arm:alpha=3"]["0"]["2"]["c"]) == 6 and cache["meta"]["n_samples"] == 4
+    effects = (out / "effects.md").read_text()
+    assert "| arm:alpha=3 | grpo:eps_high=0.28:agg=token-mean | 2 | 1 vs 1 |" in effects
+    for name in ("dose_arm.png", "frontier.png"):
+        assert (out / name).stat().st_size > 10_000
+    again = tmp_path / "again"
+    assert study.main(["report", str(out / "study.json"), "--out", str(again)]) == 0
+    assert (again / "effects.md").read_text() == effects
+
+
+def test_effects_of_a_known_difference(tmp_path):
+    """effects() on a hand-made cache: an entry that solves every prompt 2 more times in 4 than its control
+    has Δ pass@1 = +0.5 exactly, with a zero-width interval (identical seeds, constant shift)."""
+    rec = lambda c: {"n": 4, "c": c, "distinct_correct": [1.0] * 5, "effective_solutions": [1.0] * 5,  # noqa: E731
+                     "entropy_sum": [2.0] * 5, "entropy_tokens": [10] * 5}
+    cache = {"meta": {"n_samples": 4, "steps": 10},
+             "entries": {"m:x=1": {"control": "grpo", "sweep": {"line": "m:x=1", "method": "m", "knob": "x", "value": 1.0}},
+                         "grpo": {"control": None, "sweep": None}},
+             "records": {"m:x=1": {"0": {"10": rec([3, 3, 2, 4, 2])}, "1": {"10": rec([3, 3, 2, 4, 2])}},
+                         "grpo": {"0": {"10": rec([1, 1, 0, 2, 0])}, "1": {"10": rec([1, 1, 0, 2, 0])}}}}
+    (row,) = study.effects(cache, n_boot=200)
+    assert row["pass@1"]["diff"] == pytest.approx(0.5) and row["pass@1"]["significant"]
+    assert row["pass@1"]["lo"] == pytest.approx(0.5) and row["pass@1"]["hi"] == pytest.approx(0.5)
+    assert row["distinct_correct"]["diff"] == 0 and not row["distinct_correct"]["significant"]
