@@ -210,6 +210,9 @@ class ARM(GRPO):
     name = "arm"
     config_cls = ARMConfig
     control_overrides = {"alpha": 0.0}  # ARM-3 shifts by α(c_q − c_o): α = 0 leaves the GRPO advantage
+    # no toy strength: the default α = 0.3 already acts on the toy (docs/studies/toy, 3 seeds: effective
+    # solutions +0.38 [+0.19, +0.59], pass@64 +0.08 [+0.01, +0.16], pass@1 −0.03 [−0.08, +0.03])
+    toy_overrides: dict = {}
 
     def needs(self) -> set[str]:
         needs = super().needs() | {"prompt_logp"}  # c_q from the training forward's prompt positions (A6)

@@ -566,6 +566,9 @@ class SENT(Method):
     config_cls = SENTConfig
     # no token-side KL (§3–4) and the seeded shuffle instead of the SE curriculum (§2); stage_restart is off by default
     control_overrides = {"beta_high": 0.0, "beta_low": 0.0, "se_curriculum": False, "stage_restart": False}
+    # no toy strength: the release's β already act on the toy (docs/studies/toy, 3 seeds: effective solutions
+    # +0.44 [+0.15, +0.71], pass@1 −0.01 [−0.05, +0.05]); the curriculum alone moved nothing measurable
+    toy_overrides: dict = {}
 
     def __init__(self, config: SENTConfig | None = None):
         super().__init__(config)

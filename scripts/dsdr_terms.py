@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg, overrides = train.parse_args(["--method", "dsdr", "--model", args.model, "--lambda-l", "1", "--lambda-d",
                                        args.lambda_d, "--seed", str(args.seed), "--out", args.out, "--overwrite",
+                                       "--max-new-tokens", "40",  # the toy's budget (a checkpoint is not "toy")
                                        "--no-final-eval", "--no-progress", "--no-tensorboard", "--paper-defaults"])
     trainer = train.Trainer(cfg, overrides)
     grads = {}

@@ -272,11 +272,12 @@ def test_entropy_method_trains_on_the_toy_and_logs_its_coefficient(toy_model_dir
                        "--out", str(out), *QUICK]) == 0
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
+    c = EntropyBonus.toy_overrides["coef"]  # on the toy: the toy strength, not verl's 0.001
     for r in rows:
-        assert r["entropy_coef"] == pytest.approx(0.001)
+        assert r["entropy_coef"] == pytest.approx(c)
         # the bonus is −c · token-mean H, and the logged entropy is this forward's token-mean H
-        assert r["entropy_bonus"] == pytest.approx(-0.001 * r["entropy"], rel=1e-5)
-    assert json.loads((out / "config.json").read_text())["method"]["coef"] == 0.001
+        assert r["entropy_bonus"] == pytest.approx(-c * r["entropy"], rel=1e-5)
+    assert json.loads((out / "config.json").read_text())["method"]["coef"] == c == 0.01
 
 
 def test_adaptive_resume_is_bit_exact(toy_model_dir, tmp_path):
