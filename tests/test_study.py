@@ -89,9 +89,11 @@ def test_reduced_study_writes_table_and_plots_and_is_resumable(toy_model_dir, tm
     assert "study.md" in capsys.readouterr().out
 
 
-def test_study_rejects_unknown_method_before_training(tmp_path):
-    with pytest.raises(SystemExit, match="unknown method"):
-        study.main(["study", "--methods", "grpo,nope", "--steps", "2", "--out", str(tmp_path / "s")])
+def test_study_rejects_unknown_method_before_training(tmp_path, capsys):
+    assert study.main(["study", "--methods", "grpo,nope", "--steps", "2", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "unknown method 'nope'" in err and "\n" not in err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())  # nothing trained
 
 
 def test_sweep_study_with_controls_writes_effects_dose_response_and_frontier(toy_model_dir, tmp_path):

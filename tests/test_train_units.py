@@ -212,7 +212,7 @@ def test_batch_fields_are_the_same_for_one_or_many_micro_batches(toy_model_dir, 
     for tag, budget in (("one", 10**6), ("many", 200)):
         Recorder.tag = tag
         prepasses.clear()
-        monkeypatch.setattr(train, "build_method", lambda name, overrides=None: Recorder())
+        monkeypatch.setattr(train, "build_method", lambda name, overrides=None, toy=False: Recorder())
         out = tmp_path / tag
         assert train.main(["--steps", "1", "--prompts-per-step", "4", "--group-size", "4", "--seed", "5",
                            "--micro-batch-tokens", str(budget), "--out", str(out), "--no-final-eval",
