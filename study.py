@@ -28,7 +28,8 @@ import torch
 
 import train
 from config import ConfigError, OneLineParser
-from eval import bootstrap_difference, bootstrap_mean, flat_metrics, k_values, per_prompt_values
+from eval import PER_PROMPT_KEYS as EVAL_PER_PROMPT_KEYS
+from eval import COMPARED, bootstrap_difference, bootstrap_mean, flat_metrics, k_values, per_prompt_values
 from runfolder import latest_checkpoint, read_metrics
 
 
@@ -411,9 +412,9 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
 # (docs/studies/*.json). `report` needs only that file: every number and figure can be redrawn without
 # the runs. Intervals are percentile bootstraps over prompts (paired: all entries see the same held-out
 # prompts) and over seeds (independent runs), eval.bootstrap_difference / bootstrap_mean.
-METRICS = (("pass@1", "pass@1"), ("pass@kmax", "pass@{kmax}"), ("distinct_correct", "distinct correct / prompt"),
-           ("effective_solutions", "effective solutions / prompt"), ("token_entropy", "token entropy (nats)"))
-PER_PROMPT_KEYS = ("c", "distinct_correct", "effective_solutions", "entropy_sum", "entropy_tokens")
+METRICS = COMPARED  # (metric, title): the metrics a run is compared on with its control, as eval.comparison_table
+# the per-prompt record's keys a study keeps (the prompt ids once, in meta, as all runs share the prompts)
+PER_PROMPT_KEYS = tuple(k for k in EVAL_PER_PROMPT_KEYS if k != "id")
 
 
 def _compact(per_prompt: dict) -> dict:
