@@ -27,8 +27,9 @@ ROOT = HERE.parent
 
 
 def find_notebooks(prefixes: list[str] | None = None) -> list[Path]:
-    """The numbered notebooks (NN_name.ipynb) of this folder in order, optionally filtered by prefix."""
-    paths = sorted(HERE.glob("[0-9][0-9]_*.ipynb"))
+    """The numbered notebooks of this folder in order, optionally filtered by prefix: NN_name.ipynb and
+    NNx_name.ipynb (a letter after the number, e.g. 00b_bandit.ipynb, sorts between 00_* and 01_*: '_' < 'a')."""
+    paths = sorted({*HERE.glob("[0-9][0-9]_*.ipynb"), *HERE.glob("[0-9][0-9][a-z]_*.ipynb")})
     if prefixes:
         paths = [p for p in paths if any(p.name.startswith(x) or p.stem == x for x in prefixes)]
     return paths

@@ -17,7 +17,8 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+# NN_name.ipynb and NNx_name.ipynb (00b_bandit sorts between 00_* and 01_*), as run_all.find_notebooks finds them
+NOTEBOOKS = sorted({*NB_DIR.glob("[0-9][0-9]_*.ipynb"), *NB_DIR.glob("[0-9][0-9][a-z]_*.ipynb")})
 IDS = [p.stem for p in NOTEBOOKS]
 
 
@@ -40,6 +41,17 @@ def test_one_notebook_per_mechanism_after_the_overview():
     prefixes = {p.name[:2] for p in NOTEBOOKS}
     assert {"01", "02", "03", "04", "05"} <= prefixes, [p.name for p in NOTEBOOKS]
     assert (NB_DIR / "01_mode_collapse.ipynb").exists()
+
+
+def test_lettered_notebooks_are_found_in_order():
+    """00b_bandit.ipynb (a letter after the number) is run by run_all.py and the tests, after 00_* and before 01_*."""
+    names = [p.name for p in _run_all().find_notebooks()]
+    assert names == [p.name for p in NOTEBOOKS]
+    assert "00b_bandit.ipynb" in names
+    assert names == sorted(names)
+    assert names.index("00b_bandit.ipynb") < names.index("01_mode_collapse.ipynb")
+    assert all(n < "00b_bandit.ipynb" for n in names if n.startswith("00_"))
+    assert [p.name for p in _run_all().find_notebooks(["00b"])] == ["00b_bandit.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
