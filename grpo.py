@@ -145,6 +145,10 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     With samples from π_θ it is an unbiased, low-variance estimate of KL(π_θ ‖ π_ref), ≥ 0, and
     ∂k3/∂logp = 1 − π_ref/π_θ. The clamp to [−10, 10] bounds rare exploding tokens: beyond
     δ ≈ 2.6109 the value is 10 and the gradient 0. The gradient flows through `logp` only.
+    Its *value* estimates KL(π_θ ‖ π_ref), but as a loss differentiated this way (no score-function term,
+    as in GRPO and verl) its expected gradient is that of the other direction, KL(π_ref ‖ π_θ):
+    E_π[∇(1 − π_ref/π_θ)·log π_θ] = Σ_v (π_v − π_ref,v) ∇log π_v. notebooks/00b_bandit.ipynb checks this
+    numerically. We keep the papers' estimator; readers comparing with a "true" reverse KL should know.
     """
     delta = torch.clamp(ref_logp.detach() - logp, -20.0, 20.0)
     return torch.clamp(torch.exp(delta) - delta - 1.0, -10.0, 10.0)
