@@ -26,6 +26,13 @@ import verifier
 TOY = "toy"  # --model toy: the embedded tiny model (toy.py), built and cached on first use
 
 
+def is_toy(model: str) -> bool:
+    """--model names an embedded toy: "toy" (character tokens) or "toy-numbers" (whole-number tokens,
+    toy.py's second vocabulary, built for Lp-Reg's min-p proxy). Both get the toy's learning rate,
+    response budget and the methods' toy strengths."""
+    return model in toy.MODELS
+
+
 class ConfigError(ValueError):
     """Bad user input, reported as one line before any expensive work."""
 
@@ -33,7 +40,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     method: str = "grpo"
-    model: str = TOY  # "toy", a hub name, or a local folder saved with save_pretrained
+    model: str = TOY  # "toy" / "toy-numbers", a hub name, or a local folder saved with save_pretrained
     dataset: str = "countdown"  # "countdown", a hub dataset name, or a local .jsonl / .parquet file
     split: str = "train"
     steps: int = 100
@@ -134,7 +141,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     # every value as its field's declared type (a programmatic TrainConfig gets the same checks as the CLI)
     for name, value in coerce_fields(TrainConfig, dataclasses.asdict(cfg)).items():
         setattr(cfg, name, value)
-    on_toy = cfg.model == TOY
+    on_toy = is_toy(cfg.model)
     if cfg.lr is None:
         cfg.lr = TOY_LR if on_toy else 1e-6
     if cfg.max_new_tokens is None:
@@ -306,10 +313,10 @@ def _looks_like_path(name: str) -> bool:
 def check_model_path(name: str) -> None:
     """--model: a local folder must exist and hold a config and a tokenizer; a hub id is checked against the
     local cache when the hub is off (HF_HUB_OFFLINE), since it could not be downloaded."""
-    if name == TOY:
+    if is_toy(name):
         return
     path = Path(name).expanduser()
-    hint = "pass a folder saved with save_pretrained (model + tokenizer), 'toy', or a hub id such as " \
+    hint = "pass a folder saved with save_pretrained (model + tokenizer), 'toy', 'toy-numbers', or a hub id such as " \
            "Qwen/Qwen2.5-Math-1.5B"
     if not path.exists():
         if _looks_like_path(name):

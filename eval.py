@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import verifier
-from config import (MIN_TEMPERATURE, PROMPT_TEMPLATES, ROLLOUTS, TOY, ConfigError, OneLineParser, TrainConfig,
+from config import (MIN_TEMPERATURE, PROMPT_TEMPLATES, ROLLOUTS, ConfigError, OneLineParser, TrainConfig, is_toy,
                     check_model_path, check_vllm, resolve_defaults)
 from data import KNOWN_DATASETS, check_prompt_lengths, collate, load_prompts, render_prompts
 from dsdr import SentenceEncoder, embedding_distance_matrix, extract_formulas, formula_uniqueness, get_encoder
@@ -661,7 +661,7 @@ def main(argv=None) -> int:
 
 def evaluate_main(argv: list[str]) -> int:
     parser = OneLineParser(description="pass@k / avg@n / maj@k / distinct correct of a policy")
-    parser.add_argument("--model", required=True, help="run folder, 'toy', hub name or local model folder")
+    parser.add_argument("--model", required=True, help="run folder, 'toy' / 'toy-numbers', hub name or local model folder")
     parser.add_argument("--dataset", default="countdown",
                         help="countdown, a hub dataset (known aliases: " + ", ".join(
                             a for aliases, *_ in KNOWN_DATASETS.values() for a in aliases[:1]) +
@@ -711,7 +711,7 @@ def evaluate_main(argv: list[str]) -> int:
     model_path = resolve_model(args.model)
     check_model_path(model_path)
     cfg = resolve_defaults(TrainConfig(
-        model=args.model if args.model == TOY else model_path, dataset=args.dataset,
+        model=args.model if is_toy(args.model) else model_path, dataset=args.dataset,
         dataset_config=args.dataset_config, max_new_tokens=sampling["max_new_tokens"],
         temperature=sampling["temperature"] or 1.0, top_p=sampling["top_p"], rollout=args.rollout,
         prompt_template=args.prompt_template, vllm_gpu_memory_utilization=args.gpu_memory_utilization))

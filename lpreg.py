@@ -361,6 +361,12 @@ class LpReg(Method):
         metrics["lp/removed_mass"] = (float((1.0 - z).sum()), float(z.numel()))  # mean 1 − Z over positions
         for bound in (0.99, 0.9):
             metrics[f"lp/frac_Z_below_{bound}"] = (float((z < bound).sum()), float(z.numel()))
+        # What the regulariser does where it acts: on-policy a selected token's advantage becomes A + β(1/Z − 1)
+        # (spec, "What it does"), so the mean of 1/Z − 1 over S is Lp-Reg's push per unit β. (S holds kept
+        # tokens only, so proxy > FILTERED_LOGP there.)
+        on_s = selected.bool() & mask.bool()
+        z_s = torch.exp(old - proxy)[on_s].clamp(max=1.0)
+        metrics["lp/shift_per_beta"] = (float((1.0 / z_s - 1.0).sum()), float(z_s.numel()))
 
     def token_loss(self, mb, advantages, mask, stats: dict):
         c = self.cfg

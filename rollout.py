@@ -15,15 +15,15 @@ import torch
 
 import toy
 import verifier
-from config import TOY, TrainConfig, check_vllm
+from config import TrainConfig, check_vllm, is_toy
 from distributed import Dist, autocast, pad_forwards
 
 # ====================================================================================================
 # Model loading
 # ====================================================================================================
 def resolve_model_path(name: str) -> str:
-    if name == TOY:
-        return toy.ensure_toy_model()
+    if is_toy(name):
+        return toy.ensure_toy_model(config=toy.MODELS[name])
     return name
 
 

@@ -366,6 +366,29 @@ class Logger:
 # ====================================================================================================
 
 
+# ----------------------------------------------------------------------------------------------------
+# The starting policy's held-out evaluation, computed once for the runs that share it
+# ----------------------------------------------------------------------------------------------------
+# Runs that start from the same policy (a study's entries × seeds, a run and its --with-control) would each
+# spend ~50 s evaluating the same weights on the same prompts with the same sampling seed (train.Trainer
+# .evaluate always uses seed 12345). The first run's eval_start.json is copied into the others instead.
+def start_evaluation_matches(path: Path, cfg: TrainConfig) -> bool:
+    """Whether `path` (an eval_start.json) evaluated the held-out prompts and sampling `cfg` asks for. The
+    starting model is the caller's to guarantee (the same --model for every run that shares the file)."""
+    if not path.exists():
+        return False
+    start = json.loads(path.read_text())
+    sampling = start["sampling"]
+    return (start["n_problems"] == cfg.eval_prompts and sampling["n"] == cfg.eval_samples
+            and sampling["temperature"] == cfg.temperature and sampling["top_p"] == cfg.top_p
+            and sampling["max_new_tokens"] == cfg.max_new_tokens)
+
+
+def reuse_start_evaluation(path: Path, run_dir: Path) -> None:
+    """Copy a shared step-0 evaluation into a run folder, as if the run had computed it."""
+    shutil.copyfile(path, run_dir / "eval_start.json")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

@@ -30,7 +30,7 @@ import train
 from config import ConfigError, OneLineParser
 from eval import PER_PROMPT_KEYS as EVAL_PER_PROMPT_KEYS
 from eval import COMPARED, bootstrap_difference, bootstrap_mean, flat_metrics, k_values, per_prompt_values
-from runfolder import latest_checkpoint, read_metrics
+from runfolder import latest_checkpoint, read_metrics, reuse_start_evaluation, start_evaluation_matches
 
 
 # ====================================================================================================
@@ -299,15 +299,6 @@ def run_dir_name(entry: str, seed: int) -> str:
     return f"{entry.replace(':', '-').replace('=', '')}-s{seed}"
 
 
-def _same_evaluation(path: Path, cfg) -> bool:
-    """Whether the study's shared step-0 evaluation used this run's held-out prompts and samples."""
-    if not path.exists():
-        return False
-    start = json.loads(path.read_text())
-    return (start["n_problems"] == cfg.eval_prompts and start["sampling"]["n"] == cfg.eval_samples
-            and start["sampling"]["temperature"] == cfg.temperature and start["sampling"]["top_p"] == cfg.top_p)
-
-
 def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_every: int, train_args: list[str],
           progress: bool = True) -> str:
     """Train every entry × seed on the toy default with the same budget (steps, prompts per step, group
@@ -368,7 +359,7 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
         # seed, so the step-0 evaluation is computed once per study and copied into each run folder.
         try:
             cfg, overrides = train.parse_args(argv)
-            share_start = not resume and _same_evaluation(shared_start, cfg)
+            share_start = not resume and start_evaluation_matches(shared_start, cfg)
             cfg.eval_at_start = cfg.eval_at_start and not share_start
             trainer = train.Trainer(cfg, overrides)
         except ConfigError as e:
@@ -377,7 +368,7 @@ def study(methods: list[str], seeds: list[int], steps: int, out: Path, eval_ever
                 continue
             raise SystemExit(f"error: {method} seed {seed}: {e}")
         if share_start:
-            shutil.copyfile(shared_start, run_dir / "eval_start.json")
+            reuse_start_evaluation(shared_start, run_dir)
         bar.update(trainer.start_step)
         bar.set_description(f"study {method} seed {seed}")
 

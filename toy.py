@@ -22,13 +22,17 @@ counted as different here are different for the verifier and for every diversity
 
 This file, top to bottom:
   1. the task: an exhaustive solver, problem generation, deterministic train / held-out splits;
-  2. a character-level tokenizer (`tokenizers`, wrapped as a `PreTrainedTokenizerFast`);
-  3. a tiny `Qwen2ForCausalLM`;
+  2. a character-level tokenizer (`tokenizers`, wrapped as a `PreTrainedTokenizerFast`), or whole-number;
+  3. a tiny `Qwen2ForCausalLM` (a `LlamaForCausalLM` for the whole-number vocabulary);
   4. the warm start: supervised fine-tuning (SFT) on sampled correct solutions, cached on disk,
      and `measure_warm_start`, which checks the start has the properties RL needs.
 
-`python toy.py` builds the cached model and prints its measurements. Measured on 2 CPU cores with the
-default config: the splits take ~1 s (2000 train / 200 held-out problems, 10.9 distinct solutions per
+A second vocabulary, `--model toy-numbers` (`NUMBERS_CONFIG`), makes every whole number one token (1,012
+tokens) and smooths the warm start's labels, so that the policy has a low-probability tail over many tokens
+as pretrained LLMs do: the regime Lp-Reg's min-p proxy is built for (lpreg.py). Same task, same splits.
+
+`python toy.py [--model toy-numbers]` builds the cached model and prints its measurements. Measured on 2 CPU
+cores with the default config: the splits take ~1 s (2000 train / 200 held-out problems, 10.9 distinct solutions per
 problem on average, median 10); the warm start ~155 s; on held-out prompts it then reaches pass@1 0.22
 with 4.1 distinct correct solutions among 32 samples on the 98% of prompts it solves at least once.
 """
@@ -102,9 +106,31 @@ class ToyConfig:
     sft_warmup: int = 50
     sft_weight_decay: float = 0.01
     sft_seed: int = 0
+    # --- vocabulary (issue 16) ---
+    # "characters": one token per character (22 tokens); the default, and what every study before issue 16
+    # used. "numbers": every whole number 0..999 is ONE token (1,012 tokens in all), the rest as before.
+    # Why a second vocabulary: Lp-Reg's min-p proxy (lpreg.py) removes the tokens below κ·max p and
+    # renormalises. Real LLM vocabularies (150k tokens) spread a few percent of probability over thousands
+    # of implausible tokens; 22 characters cannot, so the proxy removes ~0.2% of the mass and Lp-Reg has
+    # nothing to act on. With 1,000 number tokens, after "7*5=" the model spreads its leftover mass over
+    # the many wrong results, a tail of the kind the paper's proxy is built to cut.
+    vocabulary: str = "characters"
+    # Label smoothing of the SFT loss: the target puts sft_label_smoothing of its mass uniformly on the whole
+    # vocabulary. Measured (scripts/lpreg_proxy.py, 4 batches of 16 x 8 at the warm start, κ = 0.02): the
+    # whole-number vocabulary *alone* does not give a tail — the SFT model is confident (the keep set holds
+    # 1.7 tokens on average) and the min-p filter removes 0.35 % of the mass (characters: 0.20 %). A
+    # pretrained LLM keeps some mass on thousands of implausible tokens; smoothing is the simplest way to give
+    # the toy's warm start the same. With ε = 0.02 (toy-numbers): removed mass 3.3 %, median Z 0.979, Z < 0.99
+    # at 99 % of positions, Z < 0.9 at 4 %; held-out pass@1 0.155, 3.45 distinct correct per solvable prompt
+    # (inside the warm-start targets; without smoothing 0.221 / 3.89).
+    sft_label_smoothing: float = 0.0
 
 
 DEFAULT_CONFIG = ToyConfig()
+NUMBERS_CONFIG = ToyConfig(vocabulary="numbers", sft_label_smoothing=0.02)
+# The toy models `--model` accepts, by name: each is built and cached on first use (`ensure_toy_model`).
+# Both share the task, the splits and the SFT recipe; only the tokenizer (and so the model's embedding) differs.
+MODELS = {"toy": DEFAULT_CONFIG, "toy-numbers": NUMBERS_CONFIG}
 # Response budget for sampling (train.py's default for the toy): a 3-step chain is at most ~26 characters.
 MAX_NEW_TOKENS = 40
 
@@ -308,13 +334,19 @@ ALPHABET = "0123456789+-*/=,>: "  # digits, operations, the step and prompt sepa
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 
-def build_tokenizer():
-    """A character-level `PreTrainedTokenizerFast`: ids 0-2 are <pad>, <eos>, <unk>, then one id per
-    character of ALPHABET; left padding. Characters outside the alphabet are dropped (as in the Qwen2
+def build_tokenizer(config: ToyConfig = DEFAULT_CONFIG):
+    """The toy's `PreTrainedTokenizerFast` for `config.vocabulary`: ids 0-2 are <pad>, <eos>, <unk>, then
+    one id per character of ALPHABET ("characters") or per non-digit character and per whole number
+    0..999 ("numbers"); left padding. Characters outside the alphabet are dropped (as in the Qwen2
     class that AutoTokenizer reloads it as); the task never produces one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    if config.vocabulary == "numbers":
+        return _build_numbers_tokenizer()
+    if config.vocabulary != "characters":
+        raise ValueError(f"ToyConfig.vocabulary must be 'characters' or 'numbers', got {config.vocabulary!r}")
 
     byte_to_symbol = bytes_to_unicode()  # the GPT-2 byte-level alphabet: " " -> "Ġ", printable ASCII unchanged
     symbols = [byte_to_symbol[ord(char)] for char in ALPHABET]
@@ -333,6 +365,35 @@ def build_tokenizer():
     )
 
 
+# The "numbers" vocabulary. A word-level vocabulary: the pre-tokenizer cuts the text into runs of digits and
+# single other characters ("35-6=29" -> "35" "-" "6" "=" "29"), and each piece is one token. Its model is a
+# Llama, not a Qwen2 (`build_model`): for model_type "qwen2" AutoTokenizer would rebuild a Qwen2Tokenizer
+# whose pre-tokenizer splits every digit (so "35" could never be one token), while for "llama" it loads the
+# saved tokenizer.json as it is (test_toy.py checks the reload next to the model's config.json).
+LARGEST_NUMBER_TOKEN = 999  # the solver's chains never exceed 300 with the default numbers and targets
+
+
+def _build_numbers_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = [char for char in ALPHABET if not char.isdigit()]
+    numbers = [str(n) for n in range(LARGEST_NUMBER_TOKEN + 1)]
+    vocab = {token: i for i, token in enumerate([PAD, EOS, UNK, *symbols, *numbers])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[0-9]+|."), behavior="isolated")
+    core.decoder = decoders.Fuse()  # concatenate the pieces back, no spaces added between them
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=DEFAULT_CONFIG.max_positions,
+    )
+
+
 # ====================================================================================================
 # 3. Model: a tiny Qwen2
 # ====================================================================================================
@@ -341,11 +402,15 @@ def build_tokenizer():
 
 
 def build_model(tokenizer, seed: int = 0, config: ToyConfig = DEFAULT_CONFIG):
-    """A freshly initialised `Qwen2ForCausalLM` whose generation config samples purely (T=1, no top-k/p)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    """A freshly initialised `Qwen2ForCausalLM` ("numbers" vocabulary: `LlamaForCausalLM`, the same blocks
+    without Qwen2's attention biases, see the tokenizer section) whose generation config samples purely
+    (T=1, no top-k/p)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    model_config = Qwen2Config(
+    config_class, model_class = (LlamaConfig, LlamaForCausalLM) if config.vocabulary == "numbers" \
+        else (Qwen2Config, Qwen2ForCausalLM)
+    model_config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -358,7 +423,7 @@ def build_model(tokenizer, seed: int = 0, config: ToyConfig = DEFAULT_CONFIG):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    model = Qwen2ForCausalLM(model_config)
+    model = model_class(model_config)
     # Plain sampling from the model's distribution: RL theory (and the diversity we measure) is about the
     # policy itself, so no top-k / top-p truncation and temperature 1 unless a caller asks otherwise.
     model.generation_config = GenerationConfig(
@@ -442,7 +507,12 @@ def sft_warm_start(model, tokenizer, config: ToyConfig = DEFAULT_CONFIG, progres
             # labels: -100 on the prompt (we do not train on it), the response and EOS are predicted
             batch.append((prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids))
         input_ids, attention_mask, labels = _collate(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        if config.sft_label_smoothing:  # the shifted next-token loss, as the model computes it, smoothed
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                     ignore_index=-100, label_smoothing=config.sft_label_smoothing)
+        else:
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -492,7 +562,7 @@ def measure_warm_start(
         model = AutoModelForCausalLM.from_pretrained(model_path)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
     else:
-        model, tokenizer = model_path, tokenizer or build_tokenizer()
+        model, tokenizer = model_path, tokenizer or build_tokenizer(config)
     was_training = model.training
     model.eval()
     problems = load_split(split, config)[:n_prompts]
@@ -522,7 +592,13 @@ def measure_warm_start(
 
 
 def _config_hash(config: ToyConfig) -> str:
-    blob = json.dumps({"version": TOY_VERSION, **asdict(config)}, sort_keys=True)
+    fields = asdict(config)
+    # fields added after TOY_VERSION 2 enter the name only when they are not at their default, so that the
+    # default toy's cache folder (and every existing one) keeps its name
+    for name, default in (("vocabulary", "characters"), ("sft_label_smoothing", 0.0)):
+        if fields[name] == default:
+            del fields[name]
+    blob = json.dumps({"version": TOY_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -581,7 +657,7 @@ def _build_toy_model(out_dir: str, config: ToyConfig, progress: bool) -> dict:
     # A ~1M-parameter model gains nothing from many threads (the matrices are 128 wide) and loses to
     # synchronisation; on 2 cores, 2 threads are ~1.7x faster than 1. We cap at 4.
     with _torch_threads(max(1, min(4, os.cpu_count() or 1))):
-        tokenizer = build_tokenizer()
+        tokenizer = build_tokenizer(config)
         model = build_model(tokenizer, seed=config.sft_seed, config=config)
         losses = sft_warm_start(model, tokenizer, config, progress=progress)
     model.save_pretrained(out_dir)
@@ -600,17 +676,22 @@ def _build_toy_model(out_dir: str, config: ToyConfig, progress: bool) -> dict:
 # ====================================================================================================
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build (or find) a cached toy warm start and measure it.")
+    parser.add_argument("--model", default="toy", choices=sorted(MODELS), help="which toy (default: toy)")
+    toy_config = MODELS[parser.parse_args().model]
     t0 = time.time()
-    train, heldout = load_split("train"), load_split("heldout")
+    train, heldout = load_split("train", toy_config), load_split("heldout", toy_config)
     mean_solutions = sum(p["n_solutions"] for p in train) / len(train)
     print(f"task: {len(train)} train / {len(heldout)} held-out problems, {mean_solutions:.1f} distinct solutions "
           f"per problem on average ({time.time() - t0:.1f}s); e.g. {train[0]['prompt']!r} -> "
           f"{next(iter(solve(train[0]['numbers'], train[0]['target']).values()))!r}")
     t0 = time.time()
-    path = ensure_toy_model()
+    path = ensure_toy_model(config=toy_config)
     print(f"model: {path} (ready in {time.time() - t0:.0f}s)")
     with open(os.path.join(path, "toy_build.json")) as f:
         print("build:", json.load(f))
     t0 = time.time()
-    result = measure_warm_start(path)
+    result = measure_warm_start(path, config=toy_config)
     print(f"warm start on held-out ({time.time() - t0:.0f}s):", json.dumps(result))

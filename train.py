@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import torch
 
 import eval as evaluation  # (the project's eval.py, named to avoid the builtin)
 from arm import ARM
-from config import (TOY, ConfigError, OneLineParser, TrainConfig, add_dataclass_args, coerce_fields, flag_name,
+from config import (ConfigError, OneLineParser, TrainConfig, add_dataclass_args, coerce_fields, flag_name, is_toy,
                     resolve_defaults, validate)
 from curriculum import SENT, CurriculumConfig, build_curriculum_sampler
 from data import (PromptSampler, build_rollout_batch, check_prompt_lengths, keep_groups, load_prompts,
@@ -59,7 +58,8 @@ from lpreg import LpReg
 from rollout import (LogprobGap, enable_gradient_checkpointing, load_policy, make_rollout, resolve_model_path,
                      sample_and_verify)
 from runfolder import (CheckpointError, Logger, check_resume_compatible, close_run_folder, latest_checkpoint,
-                       open_run_folder, plot_run, resume_checkpoint, save_checkpoint, step_was_skipped, warn_line)
+                       open_run_folder, plot_run, resume_checkpoint, reuse_start_evaluation, save_checkpoint,
+                       start_evaluation_matches, step_was_skipped, warn_line)
 
 # ====================================================================================================
 # Methods: the one registry. name → (class, base preset): grpo / dapo / dr_grpo are the base `Method`
@@ -115,7 +115,7 @@ def build_method(name: str, overrides: dict | None = None, toy: bool = False) ->
 
 def uses_toy_strengths(cfg: TrainConfig) -> bool:
     """The toy strengths apply on the embedded toy model unless --paper-defaults asks for the papers' values."""
-    return cfg.model == TOY and not cfg.paper_defaults
+    return is_toy(cfg.model) and not cfg.paper_defaults
 
 
 # ====================================================================================================
@@ -503,13 +503,15 @@ def train_control(trainer: Trainer, summary: dict) -> None:
     resume = cfg.resume and latest_checkpoint(out) is not None
     start = run_dir / "eval_start.json"  # the same starting policy, prompts and sampling seed: computed once
     ccfg = dataclasses.replace(cfg, method="grpo", out=str(out), with_control=False, resume=resume,
-                               overwrite=cfg.overwrite and not resume, eval_at_start=cfg.eval_at_start and not start.exists())
+                               overwrite=cfg.overwrite and not resume)
+    share_start = not resume and start_evaluation_matches(start, ccfg)
+    ccfg.eval_at_start = cfg.eval_at_start and not share_start
     label = "grpo:" + ":".join(f"{k}={v}" for k, v in control.items())
     if trainer.dist.is_main:
         print(f"--with-control: training the same-base control ({label}) into {out}")
     control_trainer = Trainer(ccfg, control)
-    if start.exists() and control_trainer.dist.is_main and not resume:
-        shutil.copyfile(start, out / "eval_start.json")
+    if share_start and control_trainer.dist.is_main:
+        reuse_start_evaluation(start, out)
     control_summary = control_trainer.fit()
     control_trainer.rollout.close()
     if control_trainer.dist.is_main and control_summary:

@@ -98,3 +98,24 @@ def test_toy_strengths_apply_on_the_toy_only_and_yield_to_paper_defaults_and_fla
     assert train.uses_toy_strengths(TrainConfig(model="toy"))
     assert not train.uses_toy_strengths(TrainConfig(model="toy", paper_defaults=True))
     assert not train.uses_toy_strengths(TrainConfig(model="Qwen/Qwen2.5-Math-1.5B"))
+
+
+def test_a_shared_start_evaluation_is_reused_only_for_the_same_prompts_and_sampling(tmp_path):
+    import dataclasses
+
+    from config import TrainConfig, resolve_defaults
+    from runfolder import reuse_start_evaluation, start_evaluation_matches
+
+    cfg = resolve_defaults(TrainConfig(eval_prompts=200, eval_samples=64))
+    path = tmp_path / "eval_start.json"
+    assert not start_evaluation_matches(path, cfg)  # nothing computed yet
+    sampling = {"temperature": 1.0, "top_p": 1.0, "n": 64, "max_new_tokens": cfg.max_new_tokens, "seed": 12345}
+    path.write_text(json.dumps({"n_problems": 200, "sampling": sampling}))
+    assert start_evaluation_matches(path, cfg)
+    for change in ({"eval_prompts": 64}, {"eval_samples": 16}, {"temperature": 0.7}, {"top_p": 0.9},
+                   {"max_new_tokens": 20}):
+        assert not start_evaluation_matches(path, dataclasses.replace(cfg, **change)), change
+    run = tmp_path / "run"
+    run.mkdir()
+    reuse_start_evaluation(path, run)
+    assert (run / "eval_start.json").read_text() == path.read_text()

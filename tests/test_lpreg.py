@@ -678,3 +678,23 @@ def test_proxy_peak_memory_is_close_to_the_plain_logp_pass():
     print(f"peak RSS: plain logp pass {plain / 1024:.0f} MiB, with the min-p proxy {proxy / 1024:.0f} MiB, "
           f"ratio {proxy / plain:.3f}")
     assert proxy <= 1.3 * plain
+
+
+def test_prepare_update_reports_the_proxy_regime_by_hand():
+    """lp/removed_mass, lp/frac_Z_below_*, lp/shift_per_beta on a hand-made batch (on-policy: old = current).
+
+    One response of 4 tokens with A < 0, ρ = 0.5: |Neg| = 4, k = 2, the two lowest-logp tokens are positions
+    1 and 3. Their Z (kept mass) are 0.5 and 0.8, so Lp-Reg's shift per unit β is mean(1/Z − 1) =
+    mean(1, 0.25) = 0.625. Positions 0 and 2 have Z = 1 and 0.95: removed mass mean(0, 0.5, 0.05, 0.2) = 0.1875."""
+    logp = torch.log(torch.tensor([[0.9, 0.1, 0.6, 0.2]]))
+    z = torch.tensor([[1.0, 0.5, 0.95, 0.8]])
+    batch = {"response_mask": torch.ones(1, 4), "truncated": torch.zeros(1, dtype=torch.bool),
+             "advantages": torch.tensor([-1.0]),
+             "fields": {"old_logp": logp, "minp_proxy_logp": logp - torch.log(z)}}
+    method = lpreg.LpReg(lpreg.LpRegConfig(rho=0.5))
+    method.prepare_update(batch, [0], None)
+    assert batch["fields"]["lp_selected"].tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    metrics = {k: s / n for k, (s, n) in batch["method_metrics"].items()}
+    assert metrics["lp/removed_mass"] == pytest.approx(0.1875)
+    assert metrics["lp/frac_Z_below_0.99"] == pytest.approx(0.75) and metrics["lp/frac_Z_below_0.9"] == pytest.approx(0.5)
+    assert metrics["lp/shift_per_beta"] == pytest.approx(0.625, rel=1e-5)

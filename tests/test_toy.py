@@ -153,6 +153,54 @@ def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path, with_mode
     assert batch["input_ids"][0][0] == loaded.pad_token_id and batch["attention_mask"][0][0] == 0
 
 
+@pytest.mark.parametrize("with_model_config", [False, True])
+def test_numbers_vocabulary_has_one_token_per_whole_number_and_survives_auto_tokenizer(tmp_path, with_model_config):
+    from transformers import AutoTokenizer
+
+    tokenizer = toy.build_tokenizer(toy.NUMBERS_CONFIG)
+    assert len(tokenizer) == 3 + 9 + 1000 >= 1000  # <pad> <eos> <unk>, the 9 non-digit symbols, 0..999
+    text = "3 7 2 10>29:7*3=21,21+10=31,31-2=29"
+    ids = tokenizer(text)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[:10] == ["3", " ", "7", " ", "2", " ", "10", ">", "29", ":"]
+    assert len(ids) == len(re.findall(r"[0-9]+|[^0-9]", text))  # every whole number is one token
+    assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
+    tokenizer.save_pretrained(tmp_path)
+    if with_model_config:  # the cached folder's layout: the tokenizer next to the model's config.json
+        model = toy.build_model(tokenizer, seed=0, config=toy.NUMBERS_CONFIG)
+        assert type(model).__name__ == "LlamaForCausalLM"  # a Qwen2 config would make AutoTokenizer split digits
+        assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+        model.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(loaded) == len(tokenizer)
+    assert loaded(text)["input_ids"] == ids and loaded.decode(ids) == text
+    assert loaded.padding_side == "left" and loaded.pad_token == "<pad>" and loaded.eos_token == "<eos>"
+    with_eos = loaded(text + loaded.eos_token)["input_ids"]
+    assert with_eos[-1] == loaded.eos_token_id and loaded.decode(with_eos, skip_special_tokens=True) == text
+
+
+def test_every_solution_fits_the_numbers_vocabulary():
+    # the largest value any solver chain reaches must be a token (else it would become <unk>)
+    largest = max(int(n) for split in ("train", "heldout") for p in toy.load_split(split)
+                  for chain in toy.solve(p["numbers"], p["target"]).values() for n in re.findall(r"[0-9]+", chain))
+    assert largest <= toy.LARGEST_NUMBER_TOKEN, largest
+
+
+def test_the_toy_models_by_name_and_an_unknown_vocabulary():
+    assert set(toy.MODELS) == {"toy", "toy-numbers"} and toy.MODELS["toy"] == toy.DEFAULT_CONFIG
+    # the two vocabularies are two cache folders; the default's name did not change when the field was added
+    assert toy._config_hash(toy.NUMBERS_CONFIG) != toy._config_hash(toy.DEFAULT_CONFIG)
+    # (caches built before the field existed stay valid: the default hashes the pre-field fields only)
+    import hashlib
+    import json
+
+    old_fields = {k: v for k, v in toy.asdict(toy.DEFAULT_CONFIG).items() if k not in ("vocabulary", "sft_label_smoothing")}
+    old_name = hashlib.sha256(json.dumps({"version": toy.TOY_VERSION, **old_fields}, sort_keys=True).encode())
+    assert toy._config_hash(toy.DEFAULT_CONFIG) == old_name.hexdigest()[:10]
+    with pytest.raises(ValueError, match="vocabulary must be"):
+        toy.build_tokenizer(toy.ToyConfig(vocabulary="bytes"))
+
+
 def test_model_size_save_load_and_pure_sampling_config(tmp_path):
     from transformers import AutoModelForCausalLM
 
