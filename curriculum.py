@@ -663,7 +663,46 @@ class SENT(Method):
             per_token, low, high, kl = sent_token_loss(mb["logp"], mb["old_logp"], ref_logp, advantages, beta,
                                                       c.eps_low, c.eps_high)
         stats["sent_kl_sum"] = float((kl.detach() * mask).sum())
+        self._term_stats(stats, mb, ref_logp, advantages, tier, beta, mask)
         return per_token, low, high
+
+    @torch.no_grad()
+    def _term_stats(self, stats: dict, mb, ref_logp, advantages, tier, beta, mask) -> None:
+        """The measured size of the token-side term next to the advantages, per tier, from tensors this
+        forward already holds (no extra forward). Logged as token-means over the N valid tokens of the
+        update ("_sum" / "_count" keys, reduced by distributed.reduce_stats), i.e. in the units of the
+        token-mean loss; a tier's per-token mean is its value divided by its sent/frac_*:
+
+          sent/frac_high, sent/frac_low  |T_hc| / N and |β_low set| / N
+          sent/kl_high, sent/kl_low      Σ_tier β_t·k3_t / N: the tier's share of the loss value
+          sent/grad_high, sent/grad_low  Σ_tier |∂(β_t·k3_t)/∂logp_t| / N = Σ |β_t (1 − π_ref/π_θ)| / N
+                                         (0 where k3's clamps cut the gradient, grpo.k3_kl)
+          sent/adv_abs                   Σ_V |A_t| / N: the surrogate's per-token pull, |∂ℓ/∂logp_t| = |A_t|ρ_t
+                                         with ρ_t = 1 on-policy
+
+        Under release_compat the term is c_t·|logp − old_logp| (release_token_loss), its gradient c_t·sign."""
+        m = mask.bool()
+        adv = advantages.detach().unsqueeze(-1).expand_as(mask) if advantages.dim() == mask.dim() - 1 \
+            else advantages.detach()
+        logp = mb["logp"].detach()
+        if ref_logp is None:  # every β is 0 (no reference loaded): the term is 0
+            term = grad = torch.zeros_like(logp)
+        elif self.cfg.release_compat:
+            diff = logp - mb["old_logp"]
+            term, grad = beta * diff.abs(), beta * (diff != 0).to(beta.dtype)
+        else:
+            raw = ref_logp.detach() - logp
+            delta = torch.clamp(raw, -20.0, 20.0)
+            k3 = torch.exp(delta) - delta - 1.0
+            live = (raw.abs() < 20.0) & (k3.abs() < 10.0)  # where the clamps leave the gradient on
+            term = beta * torch.clamp(k3, -10.0, 10.0)
+            grad = beta * (1.0 - torch.exp(delta)).abs() * live.to(beta.dtype)
+        for name, code in (("high", TIER_HIGH), ("low", TIER_LOW)):
+            sel = m & (tier == code)
+            stats[f"sent/frac_{name}_count"] = float(sel.sum())
+            stats[f"sent/kl_{name}_sum"] = float(term[sel].sum())
+            stats[f"sent/grad_{name}_sum"] = float(grad[sel].sum())
+        stats["sent/adv_abs_sum"] = float(adv.abs()[m].sum())
 
     def extra_loss(self, mb, mask, norm: Normaliser, stats: dict) -> torch.Tensor | None:
         """release_compat: + 0.001 · token-mean k3(π_θ ‖ π_ref) over all valid tokens (S1)."""

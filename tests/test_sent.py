@@ -20,7 +20,7 @@ from curriculum import (
     tier_betas,
 )
 from data import load_prompts
-from distributed import Dist, to_device
+from distributed import Dist, reduce_stats, to_device
 from forward import slice_batch, token_fields
 from grpo import GRPOConfig, Method, Normaliser, k3_kl
 from rollout import load_policy
@@ -344,6 +344,49 @@ def test_kl_is_inactive_at_step_zero_and_active_elsewhere():
     assert float(l_s - l_g) == pytest.approx(float((beta * kl * mb["response_mask"]).sum() / mb["response_mask"].sum()), abs=1e-6)
 
 
+def test_term_size_diagnostics_by_hand():
+    """sent/* stats: the token-side term per tier next to the advantages, token-means over the N valid tokens
+    (reduce_stats), from the loss's own tensors. 2 sequences, 5 valid tokens, tiers set by hand (batch scope):
+
+        row 0: T_hc δ = ln 2 | β_low δ = −ln 2 | free δ = ln 2      A = +1.5      (δ = ref_logp − logp)
+        row 1: β_low δ = 0   | β_low δ = ln 2  | padding            A = −0.5
+    k3(ln 2) = 1 − ln 2, k3(−ln 2) = ln 2 − 1/2, k3(0) = 0; ∂k3/∂logp = 1 − e^δ = −1, +1/2, 0."""
+    ln2 = math.log(2.0)
+    logp = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.7]], requires_grad=True)
+    delta = torch.tensor([[ln2, -ln2, ln2], [0.0, ln2, ln2]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    tier = torch.tensor([[TIER_HIGH, TIER_LOW, 0], [TIER_LOW, TIER_LOW, TIER_LOW]], dtype=torch.float32)
+    mb = {"logp": logp, "old_logp": logp.detach(), "ref_logp": logp.detach() + delta, "response_mask": mask,
+          "advantages": torch.tensor([1.5, -0.5]), "truncated": torch.zeros(2, dtype=torch.bool), "sent_tier": tier}
+    sent = SENT(SENTConfig())  # β_high = 0.2, β_low = 0.05, batch scope: the tiers come from mb["sent_tier"]
+    _, stats = sent.loss(mb, Normaliser.of(mask))
+    out = reduce_stats(stats, Dist(), float(mask.sum()))
+    assert out["sent/frac_high"] == pytest.approx(1 / 5) and out["sent/frac_low"] == pytest.approx(3 / 5)
+    assert out["sent/kl_high"] == pytest.approx(0.2 * (1 - ln2) / 5)  # 0.012274
+    assert out["sent/kl_low"] == pytest.approx(0.05 * ((ln2 - 0.5) + 0.0 + (1 - ln2)) / 5)  # = 0.05·0.5/5 = 0.005
+    assert out["sent/grad_high"] == pytest.approx(0.2 * 1.0 / 5)  # 0.04
+    assert out["sent/grad_low"] == pytest.approx(0.05 * (0.5 + 0.0 + 1.0) / 5)  # 0.015
+    assert out["sent/adv_abs"] == pytest.approx((3 * 1.5 + 2 * 0.5) / 5)  # 1.1
+    # the term's share of the loss and of its gradient, as autograd sees them (SENT − its β = 0 base)
+    l_s, g_s = _loss_and_grad(sent, mb)
+    l_0, g_0 = _loss_and_grad(SENT(SENTConfig(beta_high=0.0, beta_low=0.0)), mb)
+    assert float(l_s - l_0) == pytest.approx(out["sent/kl_high"] + out["sent/kl_low"], abs=1e-7)
+    assert float((g_s - g_0).abs().sum()) == pytest.approx(out["sent/grad_high"] + out["sent/grad_low"], abs=1e-7)
+    # micro-batches add up: the rows one at a time give the same reduced values
+    parts = {}
+    for r in (0, 1):
+        one = {k: (v[r:r + 1] if torch.is_tensor(v) and v.dim() else v) for k, v in mb.items()}
+        _, st = sent.loss(one, Normaliser(5.0, 2.0, 3, 1))
+        for k, v in st.items():
+            parts[k] = parts.get(k, 0.0) + v
+    assert reduce_stats(parts, Dist(), 5.0) == pytest.approx(out)
+    # past k3's clamp (δ > 2.6109: k3 = 10) the gradient is 0, and so is the logged one
+    far = dict(mb, ref_logp=logp.detach() + torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    _, st = sent.loss(far, Normaliser.of(mask))
+    far_out = reduce_stats(st, Dist(), 5.0)
+    assert far_out["sent/kl_high"] == pytest.approx(0.2 * 10 / 5) and far_out["sent/grad_high"] == 0.0
+
+
 def test_release_compat_at_ratio_one():
     """ρ = 1: the |Δlogp| term has value 0 and gradient 0; L = −token-mean(A) + 0.001·token-mean(k3)."""
     mb = _mb(seed=2, on_policy=True)
@@ -496,6 +539,10 @@ def test_sent_runs_end_to_end_on_the_toy(toy_model_dir, tmp_path):
     assert rows[0]["sent_low"] == pytest.approx(max(1, math.floor(0.8 * n)) / n)
     assert rows[0]["sent_n_hc"] == max(1, math.floor(0.002 * math.floor(0.8 * n)))
     assert rows[0]["sent_kl"] == 0.0  # step 0: π_θ = π_ref
+    for key in ("sent/frac_high", "sent/frac_low", "sent/kl_high", "sent/kl_low", "sent/grad_high", "sent/grad_low"):
+        assert key in rows[1], key
+    assert rows[0]["sent/kl_low"] == rows[0]["sent/grad_high"] == 0.0 and rows[0]["sent/adv_abs"] >= 0.0
+    assert rows[0]["sent/frac_high"] + rows[0]["sent/frac_low"] == pytest.approx(rows[0]["sent_low"])
     summary = json.loads((out / "semantic_entropy.json").read_text())
     assert len(summary["se"]) == 16 and summary["stage_starts"] == [0, 1]
     assert sorted(summary["stages"][0] + summary["stages"][1]) == list(range(16))
