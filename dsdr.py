@@ -395,7 +395,7 @@ class DSDR(Method):
     # toy strength (docs/studies/toy, 3 seeds, vs the same-base control): the bonus acts from the paper's
     # λ_d = 0.001 (effective solutions +0.20 [+0.03, +0.37]); the local term from λ_ℓ = 0.01 (+0.40 [+0.24,
     # +0.58]; 0.001: +0.07 [−0.11, +0.26]). Both at 0.01 is the combination measured: +0.42 [+0.26, +0.59]
-    # effective solutions, pass@1 −0.02 [−0.08, +0.03]
+    # effective solutions, pass@1 −0.02 [−0.08, +0.03]; with 5 seeds +0.24 [+0.01, +0.44] (docs/studies/toy-5seeds)
     toy_overrides = {"lambda_d": 0.01, "lambda_l": 0.01}
 
     @property

@@ -315,7 +315,8 @@ class LpReg(Method):
     # On the whole-number toy (--model toy-numbers, a warm start with a ~3 % low-probability tail) the paper's
     # ρ = 0.01 selects nothing (its lowest tokens are all in the tail); `--rho 0.1 --beta 10` acts: effective
     # solutions +0.95 [+0.75, +1.16] and above GRPO's early-stopping line (docs/studies/toy-numbers). The
-    # toy strength below was chosen on the character toy and is not measured on toy-numbers.
+    # toy strength below was chosen on the character toy (3 seeds) and is not measured on toy-numbers; with 5
+    # seeds on the character toy its effect is +0.17 [−0.09, +0.42] (docs/studies/toy-5seeds): not measured.
     toy_overrides = {"beta": 100.0}
 
     def __init__(self, config: LpRegConfig | None = None):
