@@ -2,9 +2,10 @@
 
 `Dist` wraps torch.distributed (with one process every call is a no-op), `shard_model` applies FSDP2, and
 `pad_forwards` / `dummy_batch` keep the ranks' collective forwards matched. Also the small per-process
-helpers the loop, evaluation and the curriculum share: `autocast`, `to_device`, and the RNG states that
-checkpoints save (`rng_state`, `set_rng_state`, `set_seed`). Separate because none of it is RL: it is what
-lets the same loop run on one CPU or many GPUs.
+helpers the loop, evaluation and the curriculum share: `autocast`, `to_device`, the RNG states that
+checkpoints save (`rng_state`, `set_rng_state`, `set_seed`), and each process's share of the CPU threads
+(`set_torch_threads`). Separate because none of it is RL: it is what lets the same loop run on one CPU or
+many GPUs.
 """
 
 from __future__ import annotations
@@ -166,6 +167,61 @@ def dummy_batch(pad_id: int, device) -> dict:
     ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "prompt_len": 1,
             "response_mask": torch.ones((1, 1), device=device), "prompt_mask": torch.ones((1, 1), device=device)}
+
+
+# ====================================================================================================
+# CPU threads per process
+# ====================================================================================================
+# torch starts with one intra-op thread per core of the machine, in every process. Several ranks on one node
+# then run ranks x cores threads on the cores, and a machine that is already busy gets threads that wait for
+# each other: measured on 2 cores with one of them busy, 2 threads ran 4-10x slower than 1. So each process
+# takes its share: the CPUs it may run on, divided among the ranks of its node.
+#
+# Why not also subtract the machine's load? The load average lags by a minute, counts processes that are
+# about to finish or that sleep on I/O, and would make the thread count (and so the last bits of CPU
+# results) depend on what else happened to run at start-up: not robust enough to guess with. On a busy
+# machine, set OMP_NUM_THREADS yourself.
+
+
+def omp_threads(value: str | None) -> int | None:
+    """OMP_NUM_THREADS as a thread count: its first entry (OpenMP also accepts one per nesting level, "4,2"),
+    None when unset, empty or not a positive number."""
+    first = (value or "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
+
+
+def default_torch_threads(cpus: int, local_ranks: int = 1, omp_num_threads: str | None = None) -> int:
+    """Intra-op threads for one process: OMP_NUM_THREADS when it is set (the user's choice, always kept),
+    else this process's CPUs shared evenly among the `local_ranks` processes of its node, at least 1.
+
+    torchrun itself sets OMP_NUM_THREADS=1 in every rank when it starts several per node and the variable
+    was unset; a rank cannot tell that 1 from a user's, so it keeps it (it never oversubscribes; set
+    OMP_NUM_THREADS=N to give each rank more).
+    """
+    return omp_threads(omp_num_threads) or max(1, cpus // max(1, local_ranks))
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, a container's cpuset, a batch
+    scheduler's allocation), not the machine's count. A CPU quota (docker --cpus) is not visible here."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS and others: no affinity mask to read
+
+
+def set_torch_threads() -> int:
+    """Apply `default_torch_threads` to this process and say it on rank 0; returns the number. Called once,
+    where a command-line program starts (train.py, study.py, eval.py), not by library code: a caller that
+    runs `train.main` in its own process (the tests, a notebook) keeps its own setting."""
+    cpus, local_ranks = available_cpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    omp = omp_threads(os.environ.get("OMP_NUM_THREADS"))
+    threads = default_torch_threads(cpus, local_ranks, os.environ.get("OMP_NUM_THREADS"))
+    torch.set_num_threads(threads)
+    if int(os.environ.get("RANK", "0")) == 0:
+        why = f"OMP_NUM_THREADS={omp}" if omp else \
+            f"{cpus} CPU{'s' * (cpus != 1)}, {local_ranks} rank{'s' * (local_ranks != 1)} on this node"
+        print(f"torch threads: {threads} per rank ({why})", flush=True)
+    return threads
 
 
 def autocast(device):

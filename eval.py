@@ -30,6 +30,7 @@ import verifier
 from config import (MIN_TEMPERATURE, PROMPT_TEMPLATES, ROLLOUTS, ConfigError, OneLineParser, TrainConfig, is_toy,
                     check_model_path, check_vllm, resolve_defaults)
 from data import KNOWN_DATASETS, check_prompt_lengths, collate, load_prompts, render_prompts
+from distributed import set_torch_threads
 from dsdr import SentenceEncoder, embedding_distance_matrix, extract_formulas, formula_uniqueness, get_encoder
 from forward import no_grad_fields
 from rollout import HFRollout, VLLMRollout, load_policy, resolve_model_path, sample_and_verify
@@ -752,4 +753,5 @@ def evaluate_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    set_torch_threads()  # this process's share of the CPUs (distributed.py)
     sys.exit(main())

@@ -28,6 +28,7 @@ import torch
 
 import train
 from config import ConfigError, OneLineParser
+from distributed import set_torch_threads
 from eval import PER_PROMPT_KEYS as EVAL_PER_PROMPT_KEYS
 from eval import COMPARED, bootstrap_difference, bootstrap_mean, flat_metrics, k_values, per_prompt_values
 from runfolder import latest_checkpoint, read_metrics, reuse_start_evaluation, start_evaluation_matches
@@ -737,4 +738,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    set_torch_threads()  # this process's share of the CPUs (distributed.py)
     sys.exit(main())

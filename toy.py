@@ -24,17 +24,20 @@ This file, top to bottom:
   1. the task: an exhaustive solver, problem generation, deterministic train / held-out splits;
   2. a character-level tokenizer (`tokenizers`, wrapped as a `PreTrainedTokenizerFast`), or whole-number;
   3. a tiny `Qwen2ForCausalLM` (a `LlamaForCausalLM` for the whole-number vocabulary);
-  4. the warm start: supervised fine-tuning (SFT) on sampled correct solutions, cached on disk,
-     and `measure_warm_start`, which checks the start has the properties RL needs.
+  4. the warm start: supervised fine-tuning (SFT) on sampled correct solutions, cached on disk (the
+     project ships the weights it built, in toy_weights/, so a fresh clone copies them instead of
+     running the SFT), and `measure_warm_start`, which checks the start has the properties RL needs.
 
 A second vocabulary, `--model toy-numbers` (`NUMBERS_CONFIG`), makes every whole number one token (1,012
 tokens) and smooths the warm start's labels, so that the policy has a low-probability tail over many tokens
 as pretrained LLMs do: the regime Lp-Reg's min-p proxy is built for (lpreg.py). Same task, same splits.
 
-`python toy.py [--model toy-numbers]` builds the cached model and prints its measurements. Measured on 2 CPU
-cores with the default config: the splits take ~1 s (2000 train / 200 held-out problems, 10.9 distinct solutions per
-problem on average, median 10); the warm start ~155 s; on held-out prompts it then reaches pass@1 0.22
-with 4.1 distinct correct solutions among 32 samples on the 98% of prompts it solves at least once.
+`python toy.py [--model toy-numbers]` finds (or copies, or builds) the cached model and prints its measurements;
+`python toy.py --rebuild [--write]` builds it from the seed and compares it with the shipped weights. Measured on
+2 CPU cores with the default config: the splits take ~1 s (2000 train / 200 held-out problems, 10.9 distinct
+solutions per problem on average, median 10); the warm start's SFT ~155 s (copying the shipped weights: 0.01 s);
+on held-out prompts it then reaches pass@1 0.22 with 4.1 distinct correct solutions among 32 samples on the 98%
+of prompts it solves at least once.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import tempfile
@@ -607,17 +611,41 @@ def default_cache_dir() -> str:
     return os.environ.get("RLVR_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 
 
+# --- the shipped warm starts ---
+# The SFT takes minutes on a laptop, and it is deterministic only per machine: the same config, torch and CPU
+# give the same weights bit for bit, another CPU's kernels an equally good warm start with other weights
+# (`build_threads`). So the project commits the weights it built, in toy_weights/toy-<hash>/ (the cache
+# folder's name and files, ~4 MB per toy), and `ensure_toy_model` copies them into the cache instead of
+# building: a fresh clone starts in a second, and every machine starts RL from the same weights. The name
+# carries the config hash, so a changed config (or TOY_VERSION) finds no copy and is built from the seed as
+# before. `python toy.py --rebuild` builds from the seed and compares with the shipped copy (test_toy.py does
+# it for the default toy in CI); `--rebuild --write` makes the new build the shipped copy, after a deliberate
+# change of the recipe (a change of the code, not of the config, bumps TOY_VERSION as before: a new name).
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_weights")
+
+
+def toy_folder_name(config: ToyConfig = DEFAULT_CONFIG) -> str:
+    """"toy-<hash>": the name of a config's folder, in the cache and among the shipped copies."""
+    return f"toy-{_config_hash(config)}"
+
+
+def shipped_toy_dir(config: ToyConfig = DEFAULT_CONFIG) -> str:
+    """Where the project's own build of `config` is committed (the folder exists only for shipped configs)."""
+    return os.path.join(SHIPPED_DIR, toy_folder_name(config))
+
+
 def ensure_toy_model(cache_dir: str | None = None, config: ToyConfig = DEFAULT_CONFIG, progress: bool = True) -> str:
-    """Folder with the warm-started toy model and its tokenizer, built on first use (~2 min on 2 cores).
+    """Folder with the warm-started toy model and its tokenizer: the shipped copy, or built on first use
+    (~3 min on 2 cores) when this config has none.
 
     The folder is `<cache>/toy-<hash of config and TOY_VERSION>`. It is written to a temporary folder and
     renamed into place with `os.replace` (atomic), so it either exists complete or not at all, even if the
-    build crashes. A file lock serialises concurrent callers (e.g. several torchrun ranks): the first
-    builds, the others wait and then find the finished folder.
+    copy or the build crashes. A file lock serialises concurrent callers (e.g. several torchrun ranks): the
+    first copies or builds, the others wait and then find the finished folder.
     """
     root = cache_dir or default_cache_dir()
     os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, f"toy-{_config_hash(config)}")
+    path = os.path.join(root, toy_folder_name(config))
     if os.path.isdir(path):  # fast path, no lock: a folder at this name is always complete
         return path
     with open(path + ".lock", "w") as lock_file:
@@ -631,13 +659,18 @@ def ensure_toy_model(cache_dir: str | None = None, config: ToyConfig = DEFAULT_C
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=root)
         try:
-            info = _build_toy_model(tmp, config, progress)
-            with open(os.path.join(tmp, "toy_build.json"), "w") as f:
-                json.dump(info, f, indent=2)
+            start, shipped = time.time(), shipped_toy_dir(config)
+            if os.path.isdir(shipped):
+                shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+                how = f"copied the project's build {os.path.basename(SHIPPED_DIR)}/{os.path.basename(shipped)}"
+            else:
+                _build_toy_model(tmp, config, progress)
+                how = "built from the seed (no shipped copy of this config)"
             os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    print(f"toy warm start: {how} into {path} in {time.time() - start:.2f}s", flush=True)
     return path
 
 
@@ -651,47 +684,151 @@ def _torch_threads(n: int):
         torch.set_num_threads(previous)
 
 
+def build_threads() -> int:
+    """Threads for the SFT: this process's CPUs (or OMP_NUM_THREADS when set), at most 2.
+
+    Why at most 2: the build should give the same weights on every machine that has the same kernels, and
+    the thread count decides which kernels' partitions run. Measured (torch 2.13.0+cpu, 2-core AMD EPYC):
+    1 and 2 threads give the same weights bit for bit after the whole SFT, while 4 threads already differ in
+    the last bits after the first step, and the SFT amplifies any such difference into other weights (another
+    CPU's kernels, AVX2 instead of AVX-512: max |Δ| 0.37 after the 1500 steps, as large as what training moves
+    them; an equally good warm start, not the same one). A ~1M-parameter model gains little from more threads
+    anyway (its matrices are 128 wide); on 2 cores, 2 threads are ~1.7x faster than 1."""
+    from distributed import available_cpus, default_torch_threads
+
+    return min(2, default_torch_threads(available_cpus(), 1, os.environ.get("OMP_NUM_THREADS")))
+
+
+def build_environment() -> dict:
+    """What decides the SFT's arithmetic besides the config and the thread count: the torch version and the
+    CPU (its model, and the vector instructions torch's kernels use there). The same environment rebuilds
+    the same weights bit for bit; another one an equally good warm start with other weights (build_threads)."""
+    model = ""
+    if os.path.exists("/proc/cpuinfo"):  # Linux; elsewhere the architecture alone
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. AVX512, AVX2 (ATEN_CPU_CAPABILITY can lower it)
+    return {"torch": torch.__version__, "cpu": f"{model or platform.machine()} ({capability})"}
+
+
 def _build_toy_model(out_dir: str, config: ToyConfig, progress: bool) -> dict:
-    """Build tokenizer + model, run the SFT warm start, save both to out_dir; return build facts."""
-    start = time.time()
-    # A ~1M-parameter model gains nothing from many threads (the matrices are 128 wide) and loses to
-    # synchronisation; on 2 cores, 2 threads are ~1.7x faster than 1. We cap at 4.
-    with _torch_threads(max(1, min(4, os.cpu_count() or 1))):
+    """Build tokenizer + model, run the SFT warm start, save both and toy_build.json (the build's facts,
+    also returned) to out_dir."""
+    start, threads = time.time(), build_threads()
+    with _torch_threads(threads):
         tokenizer = build_tokenizer(config)
         model = build_model(tokenizer, seed=config.sft_seed, config=config)
         losses = sft_warm_start(model, tokenizer, config, progress=progress)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return {
+    info = {
         "toy_version": TOY_VERSION,
         "config": asdict(config),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "sft_final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "build_seconds": round(time.time() - start, 1),
+        "torch_threads": threads,
+        **build_environment(),
     }
+    with open(os.path.join(out_dir, "toy_build.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
+def same_build_environment(info: dict, other: dict) -> bool:
+    """Whether two toy_build.json records come from the same torch and CPU, where the same config rebuilds
+    the same weights (otherwise only an equally good warm start: build_threads)."""
+    return all(info.get(key) == other.get(key) for key in ("torch", "cpu"))
+
+
+def weight_differences(folder: str, other: str) -> dict[str, float]:
+    """Max |a - b| over each tensor of two toy folders' model.safetensors, by tensor name."""
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(folder, "model.safetensors"))
+    b = load_file(os.path.join(other, "model.safetensors"))
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        raise ValueError(f"{folder} and {other} hold different tensors; they are not builds of one config")
+    return {k: (a[k].double() - b[k].double()).abs().max().item() for k in sorted(a)}
+
+
+def write_shipped(folder: str, config: ToyConfig) -> str:
+    """Make `folder` (a finished build of `config`) the shipped copy, replacing an earlier one; returns it.
+    A developer's step (`python toy.py --rebuild --write`), then committed."""
+    target = shipped_toy_dir(config)
+    os.makedirs(SHIPPED_DIR, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=SHIPPED_DIR)
+    shutil.copytree(folder, staged, dirs_exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)  # (os.replace cannot replace a non-empty folder)
+    os.replace(staged, target)
+    return target
 
 
 # ====================================================================================================
-# `python toy.py`: build (or find) the cached warm start and print what it is
+# `python toy.py`: find (or copy, or build) the cached warm start and print what it is
+# `python toy.py --rebuild [--write]`: build it from the seed and compare with the shipped copy
 # ====================================================================================================
 
-if __name__ == "__main__":
-    import argparse
 
-    parser = argparse.ArgumentParser(description="Build (or find) a cached toy warm start and measure it.")
-    parser.add_argument("--model", default="toy", choices=sorted(MODELS), help="which toy (default: toy)")
-    toy_config = MODELS[parser.parse_args().model]
+def _print_task(config: ToyConfig) -> None:
     t0 = time.time()
-    train, heldout = load_split("train", toy_config), load_split("heldout", toy_config)
+    train, heldout = load_split("train", config), load_split("heldout", config)
     mean_solutions = sum(p["n_solutions"] for p in train) / len(train)
     print(f"task: {len(train)} train / {len(heldout)} held-out problems, {mean_solutions:.1f} distinct solutions "
           f"per problem on average ({time.time() - t0:.1f}s); e.g. {train[0]['prompt']!r} -> "
           f"{next(iter(solve(train[0]['numbers'], train[0]['target']).values()))!r}")
-    t0 = time.time()
-    path = ensure_toy_model(config=toy_config)
-    print(f"model: {path} (ready in {time.time() - t0:.0f}s)")
-    with open(os.path.join(path, "toy_build.json")) as f:
-        print("build:", json.load(f))
-    t0 = time.time()
-    result = measure_warm_start(path, config=toy_config)
-    print(f"warm start on held-out ({time.time() - t0:.0f}s):", json.dumps(result))
+
+
+def _rebuild(config: ToyConfig, out: str, write: bool) -> None:
+    """Build `config` from the seed into `out` (the shipped copy and the cache are not read), print max |Δ|
+    per tensor against the shipped copy, and with `write` make the build the shipped copy."""
+    info = _build_toy_model(out, config, progress=True)
+    print(f"rebuilt from the seed in {info['build_seconds']}s with {info['torch_threads']} torch threads "
+          f"(torch {info['torch']}, {info['cpu']})")
+    shipped = shipped_toy_dir(config)
+    if os.path.isdir(shipped):
+        with open(os.path.join(shipped, "toy_build.json")) as f:
+            shipped_info = json.load(f)
+        diffs = weight_differences(out, shipped)
+        for name, diff in diffs.items():
+            print(f"  max |delta| {diff:.3g}  {name}")
+        print(f"max |delta| against {shipped}: {max(diffs.values()):.3g} "
+              f"({sum(d == 0 for d in diffs.values())} of {len(diffs)} tensors bit-identical); final SFT loss "
+              f"{info['sft_final_loss']:.4f}, shipped {shipped_info['sft_final_loss']:.4f}")
+        if not same_build_environment(info, shipped_info):
+            print(f"(the shipped copy was built with torch {shipped_info.get('torch', '?')} on "
+                  f"{shipped_info.get('cpu', '?')}: other kernels give other weights; compare the loss and the measurements)")
+    else:
+        print(f"no shipped copy of this config yet ({shipped})")
+    if write:
+        print(f"written: {write_shipped(out, config)} (commit it)")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Find (or copy, or build) a cached toy warm start and measure it.")
+    parser.add_argument("--model", default="toy", choices=sorted(MODELS), help="which toy (default: toy)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build from the seed (ignoring the shipped copy and the cache), compare with the "
+                             "shipped weights (max |delta| per tensor) and measure the new build")
+    parser.add_argument("--write", action="store_true",
+                        help="with --rebuild: make the new build the shipped copy in toy_weights/")
+    args = parser.parse_args()
+    if args.write and not args.rebuild:
+        parser.error("--write needs --rebuild")
+    toy_config = MODELS[args.model]
+    _print_task(toy_config)
+    with tempfile.TemporaryDirectory(prefix="toy-rebuild-") as scratch:
+        if args.rebuild:
+            path = scratch
+            _rebuild(toy_config, scratch, args.write)
+        else:
+            t0 = time.time()
+            path = ensure_toy_model(config=toy_config)
+            print(f"model: {path} (ready in {time.time() - t0:.0f}s)")
+        with open(os.path.join(path, "toy_build.json")) as f:
+            print("build:", json.load(f))
+        t0 = time.time()
+        result = measure_warm_start(path, config=toy_config)
+        print(f"warm start on held-out ({time.time() - t0:.0f}s):", json.dumps(result))

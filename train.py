@@ -48,8 +48,8 @@ from curriculum import SENT, CurriculumConfig, build_curriculum_sampler
 from data import (PromptSampler, build_rollout_batch, check_prompt_lengths, keep_groups, load_prompts,
                   render_prompts)
 from distributed import (Dist, autocast, clip_and_step, load_optimizer_state, pad_forwards, reduce_means,
-                         reduce_stats, report_config_error, rng_state, set_rng_state, set_seed, shard_model,
-                         to_device)
+                         reduce_stats, report_config_error, rng_state, set_rng_state, set_seed, set_torch_threads,
+                         shard_model, to_device)
 from dsdr import DSDR
 from entropy import EntropyBonus
 from forward import no_grad_fields, padding_backward, split_micro_batches, token_fields
@@ -579,4 +579,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    set_torch_threads()  # this process's share of the CPUs (distributed.py)
     sys.exit(main())

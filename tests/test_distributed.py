@@ -88,3 +88,48 @@ def test_two_ranks_sample_with_hf_generate_and_evaluate(tiny_model_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_problems"] == 5 and summary["n_samples"] == 2
+    # train.py's start-up line, once (rank 0), with the thread count the launcher's OMP_NUM_THREADS asked for
+    assert proc.stdout.count("torch threads: 1 per rank (OMP_NUM_THREADS=1)") == 1, proc.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU threads per process (distributed.default_torch_threads, set_torch_threads)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cpus, local_ranks, omp, expected", [
+    (2, 1, None, 2),     # one rank takes the CPUs it may run on
+    (2, 2, None, 1),     # two ranks share them
+    (16, 3, None, 5),    # rounded down: never more threads than CPUs
+    (1, 4, None, 1),     # more ranks than CPUs: still one thread each
+    (16, 1, "3", 3),     # OMP_NUM_THREADS set: the user's choice, kept as it is
+    (2, 1, "8", 8),      # ... even above the CPU count
+    (16, 2, "4,2", 4),   # OpenMP's per-level list: its first entry
+    (4, 1, "", 4),       # set but empty, or not a positive number: ignored
+    (4, 2, "0", 2),
+    (4, 1, "many", 4),
+])
+def test_default_torch_threads_by_hand(cpus, local_ranks, omp, expected):
+    from distributed import default_torch_threads
+
+    assert default_torch_threads(cpus, local_ranks, omp) == expected
+
+
+def test_set_torch_threads_shares_the_affinity_among_the_local_ranks_and_says_so(monkeypatch, capsys):
+    import distributed
+
+    assert 1 <= distributed.available_cpus() <= (os.cpu_count() or 1)  # the real one: this process's CPUs
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "available_cpus", lambda: 4)
+    previous = torch.get_num_threads()
+    try:
+        assert distributed.set_torch_threads() == 2 == torch.get_num_threads()
+        assert capsys.readouterr().out == "torch threads: 2 per rank (4 CPUs, 2 ranks on this node)\n"
+        monkeypatch.setenv("RANK", "1")  # only rank 0 says it
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert distributed.set_torch_threads() == 1 == torch.get_num_threads()
+        assert capsys.readouterr().out == ""
+    finally:
+        torch.set_num_threads(previous)
