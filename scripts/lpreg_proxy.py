@@ -44,9 +44,10 @@ def position_stats(model, batch, kappa: float) -> dict:
     z = (logp_all.exp() * kept).sum(-1)
     targets = batch["input_ids"][:, P:P + T]
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    # log π_proxy of the sampled token, as lpreg.proxy_logp computes it: log p − log Z where kept, else "noise"
-    target_kept = kept.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    proxy = torch.where(target_kept, logp - torch.log(z), torch.full_like(logp, lpreg.FILTERED_LOGP))
+    # log π_proxy of the sampled token (log p − log Z where kept, else "noise"): the function training uses
+    V = logits.shape[-1]
+    proxy = lpreg.proxy_logp(logits.reshape(-1, V), logits.reshape(-1, V), torch.logsumexp(logits, -1).reshape(-1),
+                             targets.reshape(-1), kappa=kappa).reshape(targets.shape)
     return {"z": z, "kept": kept.sum(-1).float(), "logp": logp, "proxy": proxy, "vocab": logits.shape[-1]}
 
 
