@@ -3,6 +3,7 @@
     python bench.py                          # every method, 8 steps each (first 2 = warm-up)
     python bench.py --methods grpo,dapo --steps 12 --json bench.json
     python bench.py --real-size qwen2.5-1.5b --steps 3 --warmup 1 -- --max-new-tokens 1024   # on a GPU
+    python bench.py --vs-trl --steps 12      # GRPO step against TRL's GRPOTrainer (pip install trl)
 
 Each method runs in its own process (so peak RSS is that method's alone) with the same seed, prompts,
 and settings; we report the median over the measured steps of the step time split into
@@ -14,6 +15,12 @@ architecture (no download: the sizes are written below, the tokenizer is the toy
 subset of the vocabulary). A random model almost never samples EOS, so every response runs to
 --max-new-tokens: a worst case for rollout throughput and memory. It is run with and without
 --gradient-checkpointing and reports rollout tokens/s and the peak GPU memory of each step.
+
+`--vs-trl` times our GRPO step against TRL's `GRPOTrainer` on identical work: the same toy model, training
+prompts and verifier reward, B prompts x 8 samples (B = 16 and 32), T = 1, no KL (beta 0), HF generate,
+fp32, one optimiser step per batch. Both run in child processes with the same torch thread count; TRL's
+step is timed from `on_step_begin` to `on_step_end` (generation happens inside its step). Skipped, with a
+one-line message, when TRL is not installed (it is an optional extra: `pip install -e ".[trl]"`).
 """
 
 from __future__ import annotations
@@ -82,6 +89,75 @@ def run_one(method: str, steps: int, extra: list[str]) -> dict:
     return {"rows": rows, "peak_rss_mb": peak / 1024}
 
 
+# The TRL side of --vs-trl, run as `python -c` in a child process: a plain-text prompt column (the toy's
+# prompts are already in the format the warm start was trained on) and the project's Countdown checker as
+# the reward function (TRL passes the dataset's other columns to it as keyword arguments).
+TRL_CHILD = """
+import json, sys, tempfile, time
+import torch, transformers, datasets, trl
+import toy, verifier
+steps, prompts_per_step, G, max_new = (int(a) for a in sys.argv[1:5])
+rows = toy.load_split("train")
+dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "numbers": r["numbers"], "target": r["target"]}
+                                      for r in rows])
+
+def countdown_reward(completions, numbers, target, **_):
+    return [float(verifier.check_countdown(c, n, t).correct) for c, n, t in zip(completions, numbers, target)]
+
+class StepTimer(transformers.TrainerCallback):
+    times = []
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self.t0)
+
+path = toy.ensure_toy_model(progress=False)
+with tempfile.TemporaryDirectory() as out:
+    config = trl.GRPOConfig(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=prompts_per_step * G, num_generations=G,
+        steps_per_generation=1, gradient_accumulation_steps=1, max_completion_length=max_new,
+        temperature=1.0, beta=0.0, learning_rate=3e-4, use_cpu=True, bf16=False, fp16=False,
+        report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0)
+    trainer = trl.GRPOTrainer(model=path, reward_funcs=countdown_reward, args=config, train_dataset=dataset,
+                              callbacks=[StepTimer()])
+    trainer.train()
+print("TRL_STEP_TIMES", json.dumps(StepTimer.times))
+"""
+
+
+def run_trl(steps: int, prompts_per_step: int, group_size: int = 8, max_new_tokens: int = 40) -> dict:
+    proc = subprocess.run([sys.executable, "-c", TRL_CHILD, str(steps), str(prompts_per_step), str(group_size),
+                           str(max_new_tokens)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("TRL_STEP_TIMES")), None)
+    if proc.returncode != 0 or line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return {"times": json.loads(line.split(" ", 1)[1])}
+
+
+def vs_trl(steps: int, warmup: int) -> int:
+    """Median step time of our GRPO and of TRL's GRPOTrainer at 16 x 8 and 32 x 8; prints the ratio."""
+    try:
+        import trl
+    except ImportError:
+        print("--vs-trl skipped: TRL is not installed (pip install trl, or pip install -e \".[trl]\")")
+        return 0
+    print(f"GRPO step vs TRL {trl.__version__} GRPOTrainer on the toy: G = 8, 40 new tokens, T = 1, beta 0, "
+          f"fp32, HF generate; {steps} steps ({warmup} warm-up), median seconds per step")
+    print(f"{'prompts x G':12} {'ours':>8} {'TRL':>8} {'TRL / ours':>11}")
+    for prompts in (16, 32):
+        ours = run_one("grpo", steps, ["--prompts-per-step", str(prompts)])  # grpo: β = 0 by default
+        theirs = run_trl(steps, prompts)
+        if "error" in ours or "error" in theirs:
+            print(f"{prompts:>4} x 8     failed: {ours.get('error') or theirs.get('error')}", flush=True)
+            continue
+        t_ours = summarise(ours, warmup)["time_step"]
+        t_trl = statistics.median(theirs["times"][warmup:])
+        print(f"{prompts:>4} x 8     {t_ours:8.3f} {t_trl:8.3f} {t_trl / t_ours:10.2f}x", flush=True)
+    return 0
+
+
 def summarise(result: dict, warmup: int) -> dict:
     rows = result["rows"][warmup:]
     keys = ("time_generate", "time_score", "time_update", "time_step", "rollout_tokens_per_s", "peak_gpu_gb")
@@ -100,10 +176,14 @@ def main(argv=None) -> int:
     parser.add_argument("--real-size", default=None, choices=sorted(REAL_SIZES),
                         help="a random model of this architecture instead of the toy (GPU measurements)")
     parser.add_argument("--model-dir", default="/tmp/bench_models", help="where --real-size models are built")
+    parser.add_argument("--vs-trl", action="store_true",
+                        help="time our GRPO step against TRL's GRPOTrainer at 16 x 8 and 32 x 8 (needs trl)")
     parser.add_argument("extra", nargs="*", help="extra train.py arguments, after --")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
+    if args.vs_trl:
+        return vs_trl(args.steps, args.warmup)
     methods = args.methods.split(",") if args.methods else list(train.METHODS)
     if args.real_size:
         path = build_real_size(args.real_size, Path(args.model_dir) / args.real_size)

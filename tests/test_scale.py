@@ -189,3 +189,32 @@ def test_bench_real_size_path_runs_on_a_small_architecture(tmp_path, monkeypatch
     lines = [line.split() for line in out.splitlines() if line.startswith("grpo")]
     assert [line[0] for line in lines] == ["grpo", "grpo+gc"], out
     assert all(float(line[2]) > 0 for line in lines)  # rollout tokens/s measured
+
+
+def test_bench_vs_trl_is_skipped_in_one_line_when_trl_is_missing(monkeypatch, capsys):
+    """TRL is an optional extra: without it --vs-trl says so and trains nothing."""
+    import sys
+
+    import bench
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # makes `import trl` raise ImportError
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("--vs-trl trained without TRL")
+
+    monkeypatch.setattr(bench, "run_one", must_not_run)
+    monkeypatch.setattr(bench, "run_trl", must_not_run)
+    assert bench.main(["--vs-trl", "--steps", "3", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("--vs-trl skipped: TRL is not installed")
+
+
+def test_bench_trl_child_times_every_grpo_trainer_step():
+    """The TRL side of --vs-trl (only where TRL is installed): GRPOTrainer trains on the toy with the
+    project's Countdown reward and reports one time per optimiser step."""
+    pytest.importorskip("trl")
+    import bench
+
+    result = bench.run_trl(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8)
+    assert "error" not in result, result
+    assert len(result["times"]) == 2 and all(t > 0 for t in result["times"])
