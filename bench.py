@@ -94,8 +94,8 @@ def run_one(method: str, steps: int, extra: list[str]) -> dict:
 # the reward function (TRL passes the dataset's other columns to it as keyword arguments).
 TRL_CHILD = """
 import json, sys, tempfile, time
-import torch, transformers, datasets, trl
-import toy, verifier
+import transformers, datasets, trl
+import config as project_config, toy, verifier
 steps, prompts_per_step, G, max_new = (int(a) for a in sys.argv[1:5])
 rows = toy.load_split("train")
 dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "numbers": r["numbers"], "target": r["target"]}
@@ -116,7 +116,7 @@ with tempfile.TemporaryDirectory() as out:
     config = trl.GRPOConfig(
         output_dir=out, max_steps=steps, per_device_train_batch_size=prompts_per_step * G, num_generations=G,
         steps_per_generation=1, gradient_accumulation_steps=1, max_completion_length=max_new,
-        temperature=1.0, beta=0.0, learning_rate=3e-4, use_cpu=True, bf16=False, fp16=False,
+        temperature=1.0, beta=0.0, learning_rate=project_config.TOY_LR, use_cpu=True, bf16=False, fp16=False,
         report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
         dataloader_num_workers=0)
     trainer = trl.GRPOTrainer(model=path, reward_funcs=countdown_reward, args=config, train_dataset=dataset,
@@ -126,7 +126,7 @@ print("TRL_STEP_TIMES", json.dumps(StepTimer.times))
 """
 
 
-def run_trl(steps: int, prompts_per_step: int, group_size: int = 8, max_new_tokens: int = 40) -> dict:
+def run_trl(steps: int, prompts_per_step: int, group_size: int, max_new_tokens: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", TRL_CHILD, str(steps), str(prompts_per_step), str(group_size),
                            str(max_new_tokens)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -143,18 +143,22 @@ def vs_trl(steps: int, warmup: int) -> int:
     except ImportError:
         print("--vs-trl skipped: TRL is not installed (pip install trl, or pip install -e \".[trl]\")")
         return 0
-    print(f"GRPO step vs TRL {trl.__version__} GRPOTrainer on the toy: G = 8, 40 new tokens, T = 1, beta 0, "
-          f"fp32, HF generate; {steps} steps ({warmup} warm-up), median seconds per step")
+    import toy
+
+    G, max_new = 8, toy.MAX_NEW_TOKENS  # both sides get them explicitly (ours: also its defaults on the toy)
+    print(f"GRPO step vs TRL {trl.__version__} GRPOTrainer on the toy: G = {G}, {max_new} new tokens, T = 1, "
+          f"beta 0, fp32, HF generate; {steps} steps ({warmup} warm-up), median seconds per step")
     print(f"{'prompts x G':12} {'ours':>8} {'TRL':>8} {'TRL / ours':>11}")
     for prompts in (16, 32):
-        ours = run_one("grpo", steps, ["--prompts-per-step", str(prompts)])  # grpo: β = 0 by default
-        theirs = run_trl(steps, prompts)
+        ours = run_one("grpo", steps, ["--prompts-per-step", str(prompts), "--group-size", str(G),
+                                       "--max-new-tokens", str(max_new)])  # grpo: β = 0 by default
+        theirs = run_trl(steps, prompts, G, max_new)
         if "error" in ours or "error" in theirs:
-            print(f"{prompts:>4} x 8     failed: {ours.get('error') or theirs.get('error')}", flush=True)
+            print(f"{prompts:>4} x {G}     failed: {ours.get('error') or theirs.get('error')}", flush=True)
             continue
         t_ours = summarise(ours, warmup)["time_step"]
         t_trl = statistics.median(theirs["times"][warmup:])
-        print(f"{prompts:>4} x 8     {t_ours:8.3f} {t_trl:8.3f} {t_trl / t_ours:10.2f}x", flush=True)
+        print(f"{prompts:>4} x {G}     {t_ours:8.3f} {t_trl:8.3f} {t_trl / t_ours:10.2f}x", flush=True)
     return 0
 
 
