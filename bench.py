@@ -4,6 +4,7 @@
     python bench.py --methods grpo,dapo --steps 12 --json bench.json
     python bench.py --real-size qwen2.5-1.5b --steps 3 --warmup 1 -- --max-new-tokens 1024   # on a GPU
     python bench.py --vs-trl --steps 12      # GRPO step against TRL's GRPOTrainer (pip install trl)
+    python bench.py --roofline               # the step's parts against this machine's matmul peak
 
 Each method runs in its own process (so peak RSS is that method's alone) with the same seed, prompts,
 and settings; we report the median over the measured steps of the step time split into
@@ -162,6 +163,110 @@ def vs_trl(steps: int, warmup: int) -> int:
     return 0
 
 
+# --roofline: how far the toy step is from this machine's matmul peak. The work of a step is counted as the
+# multiply-adds of the linear layers (2 FLOPs per weight per token forward, 4 more backward); attention
+# scores and the element-wise ops are left out (at ~44 positions and width 128 the scores add ~5 %), so the
+# achieved rates below are slight underestimates. "real" counts prompt + response tokens, "padded" what the
+# forwards actually run: padding to the longest row of a forward, and for generation every row decoding
+# until the longest one of its call ends. The peak is a plain fp32 matmul of the MLP's shape at the
+# update's size, the largest and most efficient matmul the step runs.
+def linear_weights(model) -> int:
+    """Weights that multiply activations (nn.Linear, incl. a tied LM head once): 2 FLOPs/token each forward."""
+    import torch
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_peak(rows: int, inner: int, outer: int, repeats: int = 10) -> float:
+    """GFLOP/s of an fp32 [rows, inner] @ [inner, outer] matmul on this machine (best of `repeats`)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(rows, inner), torch.randn(inner, outer)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * inner * outer / best / 1e9
+
+
+def roofline(prompts_per_step: int, repeats: int) -> dict:
+    """Time the parts of a toy GRPO step on one rollout batch and set their FLOPs against the matmul peak."""
+    import time
+
+    import torch
+
+    import dsdr
+    import train
+    from forward import split_micro_batches
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg, overrides = train.parse_args(["--method", "grpo", "--out", out, "--no-final-eval", "--no-progress",
+                                           "--no-tensorboard", "--prompts-per-step", str(prompts_per_step)])
+        trainer = train.Trainer(cfg, overrides)
+        for step in range(2):  # warm-up: first calls allocate and pick kernels
+            trainer.train_step(step)
+        n_mm = linear_weights(trainer.model)
+        gen, upd, enc = [], [], []
+        encoder = dsdr.get_encoder()
+        for _ in range(repeats):
+            batch, _ = trainer.rollout_batch()
+            gen.append(batch["time_generate"])
+            batch["rewards"] = trainer.method.shape_rewards(batch)
+            batch["advantages"] = trainer.method.advantages(batch, batch["rewards"]).to(torch.float32)
+            rows = list(range(len(batch["texts"])))
+            t0 = time.perf_counter()
+            trainer.update(batch, rows)
+            upd.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            encoder.encode(batch["texts"])  # DSDR's extra work per step (its `score` column in the table)
+            enc.append(time.perf_counter() - t0)
+        trainer.rollout.close()
+    # token counts of the last batch (the batches of a run are alike in size)
+    prompt_tokens, lengths = batch["prompt_mask"].sum(-1), batch["lengths"].clamp(min=1)
+    real = int(prompt_tokens.sum() + lengths.sum())
+    padded_update = sum(mb["input_ids"].numel() for mb in split_micro_batches(batch, rows, cfg.micro_batch_tokens))
+    S, G = len(rows), cfg.group_size
+    per_call = max(1, min(cfg.gen_batch_prompts, cfg.gen_batch_rows // G)) * G  # rows per generate() call
+    padded_generate = sum(int(prompt_tokens[i:i + per_call].max() + lengths[i:i + per_call].max()) *
+                          len(range(i, min(i + per_call, S))) for i in range(0, S, per_call))
+    wordpieces = sum(len(ids) for ids in encoder.model.tokenizer(list(dict.fromkeys(batch["texts"])))["input_ids"])
+    peak = matmul_peak(padded_update, trainer.model.config.hidden_size, trainer.model.config.intermediate_size)
+    t_gen, t_upd, t_enc = (statistics.median(x) for x in (gen, upd, enc))
+    parts = {  # name: (seconds, FLOPs of real tokens, FLOPs as run)
+        "generate": (t_gen, 2 * n_mm * real, 2 * n_mm * padded_generate),
+        "update": (t_upd, 6 * n_mm * real, 6 * n_mm * padded_update),
+        "dsdr encoder": (t_enc, 2 * linear_weights(encoder.model) * wordpieces, None),
+    }
+    report = {"threads": torch.get_num_threads(), "rows": S, "linear_weights": n_mm, "real_tokens": real,
+              "padded_update_tokens": padded_update, "padded_generate_tokens": padded_generate,
+              "matmul_peak_gflops": peak, "parts": {}}
+    for name, (seconds, flops_real, flops_run) in parts.items():
+        run = flops_run if flops_run is not None else flops_real
+        report["parts"][name] = {"seconds": seconds, "gflop_real": flops_real / 1e9, "gflop_run": run / 1e9,
+                                 "gflops_achieved": run / seconds / 1e9, "of_peak": run / seconds / 1e9 / peak,
+                                 "floor_seconds": flops_real / 1e9 / peak}
+    return report
+
+
+def print_roofline(r: dict) -> None:
+    print(f"toy GRPO step, {r['rows']} rows, {r['threads']} torch threads: linear-layer FLOPs "
+          f"({r['linear_weights'] / 1e6:.2f}M weights) against a {r['matmul_peak_gflops']:.0f} GFLOP/s fp32 matmul")
+    print(f"tokens: {r['real_tokens']} real, {r['padded_update_tokens']} in the update's forwards, "
+          f"{r['padded_generate_tokens']} in generation")
+    print(f"{'part':14} {'seconds':>8} {'GFLOP real':>11} {'GFLOP run':>10} {'GFLOP/s':>8} {'of peak':>8} "
+          f"{'floor s':>8}")
+    for name, p in r["parts"].items():
+        print(f"{name:14} {p['seconds']:8.3f} {p['gflop_real']:11.2f} {p['gflop_run']:10.2f} "
+              f"{p['gflops_achieved']:8.0f} {p['of_peak']:7.0%} {p['floor_seconds']:8.3f}")
+    step = r["parts"]["generate"]["seconds"] + r["parts"]["update"]["seconds"]
+    floor = r["parts"]["generate"]["floor_seconds"] + r["parts"]["update"]["floor_seconds"]
+    print(f"GRPO generate + update: {step:.3f} s; the same work at the matmul peak on real tokens only: "
+          f"{floor:.3f} s (at most {step / floor:.1f}x faster, with no padding and no per-op overhead)")
+
+
 def summarise(result: dict, warmup: int) -> dict:
     rows = result["rows"][warmup:]
     keys = ("time_generate", "time_score", "time_update", "time_step", "rollout_tokens_per_s", "peak_gpu_gb")
@@ -182,12 +287,22 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", default="/tmp/bench_models", help="where --real-size models are built")
     parser.add_argument("--vs-trl", action="store_true",
                         help="time our GRPO step against TRL's GRPOTrainer at 16 x 8 and 32 x 8 (needs trl)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="the toy GRPO step's parts against this machine's matmul peak (FLOPs, GFLOP/s)")
+    parser.add_argument("--prompts-per-step", type=int, default=16, help="--roofline's batch (x 8 samples)")
     parser.add_argument("extra", nargs="*", help="extra train.py arguments, after --")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
     if args.vs_trl:
         return vs_trl(args.steps, args.warmup)
+    if args.roofline:
+        train.set_torch_threads()  # as train.py would (bench's other modes run train.main in children)
+        report = roofline(args.prompts_per_step, repeats=args.steps - args.warmup)
+        print_roofline(report)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     methods = args.methods.split(",") if args.methods else list(train.METHODS)
     if args.real_size:
         path = build_real_size(args.real_size, Path(args.model_dir) / args.real_size)

@@ -218,3 +218,31 @@ def test_bench_trl_child_times_every_grpo_trainer_step():
     result = bench.run_trl(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8)
     assert "error" not in result, result
     assert len(result["times"]) == 2 and all(t > 0 for t in result["times"])
+
+
+def test_linear_weights_counts_each_matmul_weight_once():
+    import bench
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 3), torch.nn.Linear(3, 4), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 2, bias=False))
+    assert bench.linear_weights(model) == 3 * 4 + 4 * 2  # the embedding lookup is not a matmul
+
+
+def test_bench_roofline_sets_each_part_against_the_matmul_peak(capsys):
+    """bench.py --roofline on a small batch: token counts and FLOPs consistent with each other, every
+    part slower than its floor and below twice the peak (a FLOP count off by a factor would show here)."""
+    import bench
+
+    report = bench.roofline(prompts_per_step=2, repeats=1)
+    parts = report["parts"]
+    assert set(parts) == {"generate", "update", "dsdr encoder"}
+    assert 0 < report["real_tokens"] <= min(report["padded_update_tokens"], report["padded_generate_tokens"])
+    # the update runs forward (2 FLOPs per weight and token) and backward (4) on the tokens generation made
+    assert parts["update"]["gflop_real"] == pytest.approx(3 * parts["generate"]["gflop_real"])
+    assert parts["generate"]["gflop_real"] == pytest.approx(2 * report["linear_weights"] * report["real_tokens"] / 1e9)
+    for name, p in parts.items():
+        assert p["seconds"] > p["floor_seconds"] > 0, name
+        assert 0 < p["of_peak"] < 2, (name, p)
+    bench.print_roofline(report)
+    out = capsys.readouterr().out
+    assert "GRPO generate + update" in out and "x faster" in out
