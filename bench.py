@@ -4,6 +4,7 @@
     python bench.py --methods grpo,dapo --steps 12 --json bench.json
     python bench.py --real-size qwen2.5-1.5b --steps 3 --warmup 1 -- --max-new-tokens 1024   # on a GPU
     python bench.py --vs-trl --steps 12      # GRPO step against TRL's GRPOTrainer (pip install trl)
+    python bench.py --vs-trl --steps 12 -- --micro-batch-tokens 2048   # ours with a speed setting
     python bench.py --roofline               # the step's parts against this machine's matmul peak
 
 Each method runs in its own process (so peak RSS is that method's alone) with the same seed, prompts,
@@ -137,8 +138,10 @@ def run_trl(steps: int, prompts_per_step: int, group_size: int, max_new_tokens: 
     return {"times": json.loads(line.split(" ", 1)[1])}
 
 
-def vs_trl(steps: int, warmup: int) -> int:
-    """Median step time of our GRPO and of TRL's GRPOTrainer at 16 x 8 and 32 x 8; prints the ratio."""
+def vs_trl(steps: int, warmup: int, extra: list[str] | None = None) -> int:
+    """Median step time of our GRPO and of TRL's GRPOTrainer at 16 x 8 and 32 x 8; prints the ratio.
+    `extra`: train.py arguments for our side only (settings of ours that change speed, not the work)."""
+    extra = list(extra or [])
     try:
         import trl
     except ImportError:
@@ -148,11 +151,12 @@ def vs_trl(steps: int, warmup: int) -> int:
 
     G, max_new = 8, toy.MAX_NEW_TOKENS  # both sides get them explicitly (ours: also its defaults on the toy)
     print(f"GRPO step vs TRL {trl.__version__} GRPOTrainer on the toy: G = {G}, {max_new} new tokens, T = 1, "
-          f"beta 0, fp32, HF generate; {steps} steps ({warmup} warm-up), median seconds per step")
+          f"beta 0, fp32, HF generate; {steps} steps ({warmup} warm-up), median seconds per step"
+          + (f"; ours with {' '.join(extra)}" if extra else ""))
     print(f"{'prompts x G':12} {'ours':>8} {'TRL':>8} {'TRL / ours':>11}")
     for prompts in (16, 32):
         ours = run_one("grpo", steps, ["--prompts-per-step", str(prompts), "--group-size", str(G),
-                                       "--max-new-tokens", str(max_new)])  # grpo: β = 0 by default
+                                       "--max-new-tokens", str(max_new), *extra])  # grpo: β = 0 by default
         theirs = run_trl(steps, prompts, G, max_new)
         if "error" in ours or "error" in theirs:
             print(f"{prompts:>4} x {G}     failed: {ours.get('error') or theirs.get('error')}", flush=True)
@@ -295,7 +299,7 @@ def main(argv=None) -> int:
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
     if args.vs_trl:
-        return vs_trl(args.steps, args.warmup)
+        return vs_trl(args.steps, args.warmup, args.extra)
     if args.roofline:
         train.set_torch_threads()  # as train.py would (bench's other modes run train.main in children)
         report = roofline(args.prompts_per_step, repeats=args.steps - args.warmup)

@@ -164,17 +164,26 @@ def padding_backward(model, n_padding: int, pad_id: int, device, temperature: fl
 
 
 def split_micro_batches(batch: dict, rows: list[int], token_budget: int) -> list[dict]:
-    """Consecutive micro-batches of `rows` whose padded size (sequences × length) fits the budget.
+    """Micro-batches of `rows` whose padded size (sequences × length) fits the budget, each trimmed to its
+    own longest prompt/response.
 
-    Each micro-batch is trimmed to its own longest prompt/response, so short batches cost less.
+    Rows that fit in one forward stay one micro-batch, in their order. Otherwise they are packed longest
+    first, so that each micro-batch holds rows of similar length and carries little padding: with
+    responses of very different lengths (long reasoning traces next to short answers) consecutive rows
+    would pad every micro-batch to its longest member. The grouping changes no per-token value and the
+    loss normalisers are global (grpo.Normaliser), so only the order of the gradient sum changes; the
+    statistics that are scoped per micro-batch on purpose (SENT's and Lp-Reg's "microbatch" scope, the
+    releases' reading) are then taken over rows of similar length.
     """
     lengths = batch["lengths"]
     prompt_lens = batch["prompt_mask"].sum(-1).long()
+    width = lambda idx: int(prompt_lens[idx].max() + lengths[idx].max().clamp(min=1))  # noqa: E731
+    if width(rows) * len(rows) > token_budget:  # several forwards: longest first (stable: ties keep order)
+        rows = sorted(rows, key=lambda r: -int(prompt_lens[r] + lengths[r].clamp(min=1)))
     out, current = [], []
     for r in rows:
         cand = current + [r]
-        width = int(prompt_lens[cand].max() + lengths[cand].max().clamp(min=1))
-        if current and width * len(cand) > token_budget:
+        if current and width(cand) * len(cand) > token_budget:
             out.append(current)
             current = [r]
         else:

@@ -108,6 +108,22 @@ def test_micro_batches_reproduce_whole_batch(tiny_model_dir):
         assert whole[mb["rows"], T:].abs().sum() == 0  # trimmed columns were padding only
 
 
+def test_micro_batches_pack_longest_first_only_when_several_forwards_are_needed():
+    """Rows that fit one forward stay one micro-batch in their order; otherwise they are packed longest
+    first under the budget (hand-worked: prompt 2 tokens each, responses 1, 6, 2, 5 tokens + EOS)."""
+    prompts = [[5, 6]] * 4
+    responses = [[7] * k + [1] for k in (1, 6, 2, 5)]  # widths (prompt + response + EOS): 4, 9, 5, 8
+    batch = collate(prompts, responses, 0, 1)
+    one = split_micro_batches(batch, [0, 1, 2, 3], token_budget=4 * 9)
+    assert [mb["rows"].tolist() for mb in one] == [[0, 1, 2, 3]]
+    # budget 18: longest first gives [9, 8] (2 x 9 = 18) and [5, 4] (2 x 5 = 10): 28 padded tokens; in
+    # batch order it would be [4, 9] (18), [5, 8] (16): 34
+    packed = split_micro_batches(batch, [0, 1, 2, 3], token_budget=18)
+    assert [mb["rows"].tolist() for mb in packed] == [[1, 3], [2, 0]]
+    assert [tuple(mb["input_ids"].shape) for mb in packed] == [(2, 9), (2, 5)]
+    assert sum(mb["input_ids"].numel() for mb in packed) == 28
+
+
 # ---------------------------------------------------------------------------------------------------
 # prompt order: seeded, epoch-wise, resumable
 # ---------------------------------------------------------------------------------------------------
