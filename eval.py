@@ -251,9 +251,12 @@ def group_diversity(z: torch.Tensor, formula_sets: list[set[str]], only: list[bo
 
 
 def sample_entropy(model, prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int, eos_id: int,
-                   temperature: float, token_budget: int = 16384, dist=None) -> tuple[list[float], list[int]]:
+                   temperature: float, token_budget: int = 4096, dist=None) -> tuple[list[float], list[int]]:
     """Per sample: the sum over its tokens of the policy's entropy H(π(·|context)/T) and its token count,
-    from one no-grad forward of (prompt, response) in micro-batches (forward.no_grad_fields)."""
+    from one no-grad forward of (prompt, response) in micro-batches (forward.no_grad_fields), packed
+    longest first. The budget is smaller than training's: an evaluation has thousands of samples of
+    varied length, and on CPU 4,096-token forwards with little padding were the fastest (toy, 32 prompts
+    × 64 samples, 2 cores: 1.83 s against 2.38 s at 16,384 tokens in batch order); no value depends on it."""
     if not responses:  # (under FSDP2 the other ranks' forwards are still matched)
         batch = collate([[pad_id]], [[eos_id]], pad_id, eos_id)
         no_grad_fields(model, batch, [], temperature, {"entropy"}, token_budget, dist=dist, pad_id=pad_id)
