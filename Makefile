@@ -23,8 +23,8 @@ TRAIN_ARGS ?=
 # after the run, its same-base control (the mechanism off, same seed and budget) and both side by side, on
 # all 200 held-out prompts x 16 samples (CONTROL= to skip it). 16 samples, not the studies' 64, to keep the
 # first command short: on the same two checkpoints every interval that excludes 0 at 64 samples also does
-# at 16 (effective solutions +0.470 [+0.347, +0.592] at 16, +0.761 [+0.626, +0.901] at 64), and the three
-# evaluations take a quarter of the time
+# at 16 and 32 (effective solutions +0.523 [+0.392, +0.657] at 16, +0.572 [+0.423, +0.725] at 32, +0.761
+# [+0.626, +0.901] at 64; README), and the three evaluations take ~9 s each instead of ~55 s
 CONTROL ?= --with-control --eval-prompts 200 --eval-samples 16 --no-eval-diversity
 # train.py refuses to start a run in a folder that holds an earlier one: `make train` is a demo, so it
 # starts over (--overwrite); `make train RUN=--resume` continues the last one instead
