@@ -10,6 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 NPROC ?= 1
@@ -30,9 +31,13 @@ CONTROL ?= --with-control --eval-prompts 200 --eval-samples 16 --no-eval-diversi
 # starts over (--overwrite); `make train RUN=--resume` continues the last one instead
 RUN ?= --overwrite
 
-.PHONY: install train test test-all bench notebooks clean-venv
+.PHONY: install install-dev train test test-all bench notebooks clean-venv
 
+# What training needs (torch, then the project and its dependencies); the test and notebook tools
+# (pytest, hypothesis, nbclient, ipykernel: ~20 s more) only for `make test` / `make notebooks`, so that
+# the first `make train` does not wait for them.
 install: $(STAMP)
+install-dev: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml
 	@if [ ! -x $(PY) ]; then \
@@ -52,14 +57,18 @@ $(STAMP): pyproject.toml
 	    $(PY) -m pip install --retries 0 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_CPU_INDEX); \
 	  fi; \
 	fi
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e .
 	@touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[dev]"
+	@touch $(DEV_STAMP)
 
 # The embedded default: the toy Countdown task with a tiny model warm-started locally on first use.
 train: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py --method $(METHOD) $(RUN) $(CONTROL) $(TRAIN_ARGS)
 
-$(VLLM_STAMP): $(STAMP)
+$(VLLM_STAMP): $(DEV_STAMP)
 	@if [ "$(VLLM)" = "1" ]; then \
 	  $(PY) -m pip install -e ".[vllm]"; \
 	elif [ "$(VLLM)" = "auto" ] && ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1) \
@@ -73,17 +82,17 @@ $(VLLM_STAMP): $(STAMP)
 	@touch $@
 
 # CI suite (< 20 min on 2 cores). Slow studies are marked and run with `make test-all`.
-test: $(STAMP) $(VLLM_STAMP)
+test: $(DEV_STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: $(STAMP) $(VLLM_STAMP)
+test-all: $(DEV_STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) bench.py
 
 # Execute every notebook in place (outputs committed so readers see the figures without running them).
-notebooks: $(STAMP)
+notebooks: $(DEV_STAMP)
 	$(PY) notebooks/run_all.py
 
 clean-venv:
